@@ -1,7 +1,8 @@
 """Monte Carlo gradient estimates of a KL configuration on a toy policy, as an RL trainer would compute them.
 
-Draw y_1..y_N ~ μ (π_θ on-policy), compute the configuration's loss with ``kl_lib.objectives.kl_term`` and
-sample weights 1/N, and differentiate: that is exactly what the LLM trainer does with a batch. The per-sample
+Draw y_1..y_N ~ μ (π_θ on-policy), compute each sequence's loss term L(y_n) with
+``kl_lib.objectives.per_sequence_loss`` (whose 1/N-weighted sum is ``objectives.kl_term``, what the LLM trainer
+computes for a batch) and differentiate. The per-sample
 gradients g(y_n) (cheap for toy policies, see ``kl_lib.exact``) give the standard error of every coordinate of
 the mean, so a Monte Carlo estimate can be held against the exact expected gradient with a tolerance that
 comes from its own noise.
@@ -28,6 +29,7 @@ class MCGradient:
     mean: Tensor  # shaped like policy.logits
     stderr: Tensor  # shaped like policy.logits
     variance: float  # tr Cov[g(y)] estimated from the N samples (unbiased)
+    variance_stderr: float  # standard error of ``variance`` (from the spread of ‖g(y_n) − ḡ‖²)
     num_samples: int
 
 
@@ -59,5 +61,6 @@ def mc_kl_grad(policy: TabularPolicy | MarkovPolicy, ref: TabularPolicy | Markov
     flat.scatter_(1, cols, g.reshape(num_samples, -1))
     mean = flat.mean(0)
     var = flat.var(0, unbiased=True)
+    sq_dev = (flat - mean).square().sum(1)  # ‖g(y_n) − ḡ‖², (N,)
     return MCGradient(mean.reshape(theta.shape), (var / num_samples).sqrt().reshape(theta.shape),
-                      float(var.sum()), num_samples)
+                      float(var.sum()), float(sq_dev.std() / num_samples**0.5), num_samples)

@@ -9,7 +9,8 @@ with
     c_t = Σ_{t'} k_{t'}               (whole sequence)   or   Σ_{t' ≥ t} k_{t'}   (``reward_to_go``)
     u_t = logp_t  (weights none/sequence)                 or   ω_t                 (weights token)
     v_t = 1       (weights none/sequence)                 or   ω_t                 (weights token)
-    ω_t = exp(logp_t − behavior_logp_t)   (value 1 on-policy, gradient ω_t ∇logp_t)
+    ω_t = exp(logp_t − behavior_logp_t)   (value 1 on-policy, gradient ω_t ∇logp_t: so even on-policy,
+                                          token weights add the score term k_t ∇logp_t to the loss placement)
     W   = exp(Σ_t m_t (logp_t − behavior_logp_t))   for ``"sequence"`` weights, else 1,
 
 m_t the validity mask (padding contributes nothing), and no length normalisation. The batch loss is
@@ -225,6 +226,10 @@ def kl_term(
         raise ValueError(f"aggregation={aggregation!r} is not valid; choose one of {', '.join(map(repr, AGGREGATIONS))}")
     if ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)")
+    if behavior_logp is not None and behavior_logp.shape != logp.shape:
+        raise ValueError(
+            f"behavior_logp has shape {tuple(behavior_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)"
+        )
     m = _mask_like(logp, mask)
     w = _sample_weights(weights, logp)
     k, clip_fraction = estimate(config, logp, ref_logp, m, logprobs, ref_logprobs)

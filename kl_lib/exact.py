@@ -18,7 +18,9 @@ policy when ``method="enumerate"``) or by dynamic programming over (position, pr
   states s_t drawn from a given policy and held fixed.
 * **One-sample variance** tr Cov[g(y)] = E‖g‖² − ‖E g‖². Per-sequence gradients come cheaply because a
   sequence reads each parameter row at most once (``policy.param_rows``): the gradient of Σ_y L(y) w.r.t. the
-  gathered ``(N, T, V)`` logits *is* the stack of per-sequence gradients.
+  gathered ``(N, T, V)`` logits *is* the stack of per-sequence gradients. For MarkovPolicy the same fact gives
+  ‖g(y)‖² = β² Σ_t ‖c_t e_t + f_t‖² with per-cell e, f, so E‖g‖² needs only E[c_t | a, v] and E[c_t² | a, v],
+  which the DP also provides (past and future sums are independent given (y_{t−1}, y_t)).
 
 Departure from the paper: the paper estimates bias and variance from Monte Carlo repeats on a small model;
 here they are exact, and Monte Carlo is used only to check the estimators against these numbers.
@@ -165,57 +167,125 @@ def _state_marginals(step_logprobs: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _conditional_sums(k: Tensor, transitions: Tensor, state_marginals: Tensor) -> tuple[Tensor, Tensor]:
-    """E[Σ_{t'<t} k | y_{t−1}=a] (``past``, (T, V)) and E[Σ_{t'>t} k | y_t=v] (``future``, (T, V)).
+def _conditional_moments(k: Tensor, transitions: Tensor, state_marginals: Tensor, second: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Conditional moments of the past and future sums of k under the Markov chain.
 
-    ``k`` is the detached ``(T, V, V)`` grid of estimates k(t, a, v); everything is under the Markov chain with
-    the given ``(T, V, V)`` transitions. The past recursion conditions backwards with Bayes' rule.
+    With P_t = Σ_{t'<t} k_{t'} and S_t = Σ_{t'>t} k_{t'}, returns ``(T, V)`` tensors
+    E[P_t | y_{t−1}=a], E[S_t | y_t=v] and, if ``second``, E[P_t² | y_{t−1}=a], E[S_t² | y_t=v].
+    ``k`` is the detached ``(T, V, V)`` grid k(t, a, v); ``transitions`` the ``(T, V, V)`` step probabilities.
+    The future recursion runs backwards; the past one conditions backwards with Bayes' rule.
     """
     T, V, _ = k.shape
-    future = torch.zeros(T, V, dtype=k.dtype)
+    zeros = lambda: torch.zeros(T, V, dtype=k.dtype)  # noqa: E731
+    future, past = zeros(), zeros()
+    future2, past2 = (zeros(), zeros()) if second else (None, None)
     for t in range(T - 2, -1, -1):
-        future[t] = (transitions[t + 1] * (k[t + 1] + future[t + 1])).sum(-1)
-    past = torch.zeros(T, V, dtype=k.dtype)
+        step = k[t + 1] + future[t + 1]  # (v, w)
+        future[t] = (transitions[t + 1] * step).sum(-1)
+        if second:
+            step2 = k[t + 1].square() + 2 * k[t + 1] * future[t + 1] + future2[t + 1]
+            future2[t] = (transitions[t + 1] * step2).sum(-1)
     for t in range(T - 1):
         joint = state_marginals[t].unsqueeze(1) * transitions[t]  # (a, v): P(y_{t−1}=a, y_t=v)
-        past[t + 1] = (joint * (past[t].unsqueeze(1) + k[t])).sum(0) / joint.sum(0)
-    return past, future
+        posterior = joint / joint.sum(0)  # P(y_{t−1}=a | y_t=v)
+        past[t + 1] = (posterior * (past[t].unsqueeze(1) + k[t])).sum(0)
+        if second:
+            step2 = past2[t].unsqueeze(1) + 2 * k[t] * past[t].unsqueeze(1) + k[t].square()
+            past2[t + 1] = (posterior * step2).sum(0)
+    return past, future, past2, future2
 
 
-def _dp_surrogate(config: KLConfig, policy: MarkovPolicy, ref: MarkovPolicy, behavior: MarkovPolicy | None
-                  ) -> tuple[Tensor, Tensor]:
-    """``(surrogate, theta)`` with ∇_θ surrogate = E_{y~μ}[g(y)], by DP (see the module docstring)."""
+@dataclasses.dataclass
+class _Grid:
+    """A MarkovPolicy problem on the (t, a, v) grid: state (t, y_{t−1}=a), token v."""
+
+    config: KLConfig  # sequence weights off-policy are turned into a change of measure, see _grid
+    theta: Tensor  # (T, V, V) leaf
+    ref_lp: Tensor  # (T, V, V) step log-probs of π_ref
+    behavior_lp: Tensor | None  # (T, V, V) step log-probs of μ, None on-policy
+    transitions: Tensor  # (T, V, V) step probabilities of the sampling policy (detached)
+    marginals: Tensor  # (T, V): P(y_{t−1} = a) under the sampling policy
+    joint: Tensor  # (T, V, V): P(y_{t−1} = a, y_t = v)
+
+    def terms(self, state_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, u, vk)`` on the grid, each ``(T, V, V)``, from per-cell state logits ``(T, V, V, V)``.
+
+        The grid is a batch of tokens: the estimates and factors come from ``objectives``, elementwise.
+        """
+        T, V, _ = self.ref_lp.shape
+        full = torch.log_softmax(state_logits, -1)  # [t, a, v, :] = log π(· | t, a)
+        lp = full.gather(-1, torch.arange(V).view(1, 1, V, 1).expand(T, V, V, 1)).squeeze(-1)
+        ref_full = self.ref_lp.unsqueeze(2).expand(T, V, V, V)
+        k, _ = objectives.estimate(self.config, lp, self.ref_lp, None, full, ref_full)
+        u, vk = objectives.token_factors(self.config, lp, k, self.behavior_lp)
+        return k, u, vk
+
+    def coefficient_moments(self, k: Tensor, second: bool = False) -> tuple[Tensor, Tensor | None]:
+        """E[c_t | a, v] (and E[c_t² | a, v]) of the reward coefficient c_t, ``(T, V, V)``."""
+        past, future, past2, future2 = _conditional_moments(k, self.transitions, self.marginals, second)
+        if self.config.reward_to_go:
+            past, past2 = torch.zeros_like(past), (torch.zeros_like(past) if second else None)
+        P, S = past.unsqueeze(2), future.unsqueeze(1)  # broadcast over v and over a
+        mean = P + k + S
+        if not second:
+            return mean, None
+        # Past and future are independent given (y_{t−1}, y_t) = (a, v) (Markov property).
+        P2, S2 = past2.unsqueeze(2), future2.unsqueeze(1)
+        return mean, P2 + k.square() + S2 + 2 * (k * P + k * S + P * S)
+
+
+def _grid(config: KLConfig, policy: MarkovPolicy, ref: MarkovPolicy, behavior: MarkovPolicy | None) -> _Grid:
     check_compatible(policy, ref, behavior)
     theta = _double(policy).requires_grad_()
-    lp = _grid_logprobs(theta)  # (T, V, V)
-    ref_lp = _grid_logprobs(_double(ref))
     behavior_lp = None if behavior is None else _grid_logprobs(_double(behavior))
     if config.importance_weighting == "sequence" and behavior_lp is not None:
         # E_μ[sg(W) ∇L_none(y)] = E_π[∇L_none(y)]: a change of measure, since W = π(y)/μ(y) exactly.
         config = dataclasses.replace(config, importance_weighting="none")
         behavior_lp = None
-    sampling_lp = lp.detach() if behavior_lp is None else behavior_lp
+    sampling_lp = _grid_logprobs(theta.detach()) if behavior_lp is None else behavior_lp
     transitions = sampling_lp.exp()
-    marginals = _state_marginals(sampling_lp)  # (T, V)
-    joint = marginals.unsqueeze(-1) * transitions  # (T, a, v)
+    marginals = _state_marginals(sampling_lp)
+    return _Grid(config, theta, _grid_logprobs(_double(ref)), behavior_lp, transitions, marginals,
+                 marginals.unsqueeze(-1) * transitions)
 
-    T, V, _ = lp.shape
-    full = lp.unsqueeze(2).expand(T, V, V, V)  # [t, a, v, :] = π(· | t, a), for the analytic estimator
-    ref_full = ref_lp.unsqueeze(2).expand(T, V, V, V)
-    # The (t, a, v) grid is a batch of tokens: estimates and factors come from objectives, elementwise.
-    k, _ = objectives.estimate(config, lp, ref_lp, None, full, ref_full)
-    u, vk = objectives.token_factors(config, lp, k, behavior_lp)
 
-    per_cell = torch.zeros_like(lp)
-    if config.in_reward:
-        past, future = _conditional_sums(k.detach(), transitions, marginals)
-        coefficient = k.detach() + future.unsqueeze(1)  # [t, a, v] = k(t,a,v) + E[future | y_t = v]
-        if not config.reward_to_go:
-            coefficient = coefficient + past.unsqueeze(2)
-        per_cell = per_cell + coefficient * u
-    if config.in_loss:
+def _dp_expected_grad(config: KLConfig, policy: MarkovPolicy, ref: MarkovPolicy, behavior: MarkovPolicy | None
+                      ) -> Tensor:
+    """E_{y~μ}[g(y)] by DP: the gradient of Σ_{t,a,v} P(a, v) (E[c_t | a, v] u + vk), see the module docstring."""
+    grid = _grid(config, policy, ref, behavior)
+    T, V, _ = grid.theta.shape
+    k, u, vk = grid.terms(grid.theta.unsqueeze(2).expand(T, V, V, V))
+    per_cell = torch.zeros_like(u)
+    if grid.config.in_reward:
+        per_cell = per_cell + grid.coefficient_moments(k.detach())[0] * u
+    if grid.config.in_loss:
         per_cell = per_cell + vk
-    return config.beta * (joint * per_cell).sum(), theta
+    return _grad(grid.config.beta * (grid.joint * per_cell).sum(), grid.theta)
+
+
+def _dp_second_moment(config: KLConfig, policy: MarkovPolicy, ref: MarkovPolicy, behavior: MarkovPolicy | None
+                      ) -> Tensor:
+    """E_{y~μ}‖g(y)‖² by DP.
+
+    A sequence reads row (t, y_{t−1}) once per step, so ‖g(y)‖² = β² Σ_t ‖c_t e_t + f_t‖² with e_t = ∂u_t/∂z_t and
+    f_t = ∂(v_t k_t)/∂z_t functions of the cell (t, a, v) only: its expectation needs E[c_t | a, v] and E[c_t² | a, v].
+    """
+    if config.importance_weighting == "sequence" and behavior is not None:
+        raise ValueError("the DP variance does not handle sequence importance weights off-policy; "
+                         "use method='enumerate' (V**T small enough)")
+    grid = _grid(config, policy, ref, behavior)
+    T, V, _ = grid.theta.shape
+    cells = grid.theta.detach().unsqueeze(2).expand(T, V, V, V).clone().requires_grad_()  # one copy per cell
+    k, u, vk = grid.terms(cells)
+    per_cell = torch.zeros_like(u)
+    f = torch.autograd.grad(vk.sum(), cells, retain_graph=True)[0] if grid.config.in_loss else torch.zeros_like(cells)
+    per_cell = per_cell + f.square().sum(-1)
+    if grid.config.in_reward:
+        e = torch.autograd.grad(u.sum(), cells)[0]
+        c1, c2 = grid.coefficient_moments(k.detach(), second=True)
+        per_cell = per_cell + c2 * e.square().sum(-1) + 2 * c1 * (e * f).sum(-1)
+    return grid.config.beta**2 * (grid.joint * per_cell).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,18 +377,27 @@ def expected_kl_grad(policy: Policy, ref: Policy, config: KLConfig, behavior: Po
         A float64 tensor shaped like ``policy.logits``.
     """
     if _method(policy, method) == "dp":
-        return _grad(*_dp_surrogate(config, policy, ref, behavior))
+        return _dp_expected_grad(config, policy, ref, behavior)
     e = _enumerate(policy, ref, behavior)
     loss, _ = objectives.kl_term(config, e.logp, e.ref_logp, behavior_logp=e.behavior_logp,
                                  logprobs=e.logprobs, ref_logprobs=e.ref_logprobs, weights=e.weights)
     return _grad(loss, e.theta)
 
 
-def kl_grad_variance(policy: Policy, ref: Policy, config: KLConfig, behavior: Policy | None = None) -> float:
-    """tr Cov_{y~μ}[g(y)] = E‖g(y)‖² − ‖E g(y)‖² for a single sample y, by enumeration (also for MarkovPolicy).
+def kl_grad_variance(policy: Policy, ref: Policy, config: KLConfig, behavior: Policy | None = None, *,
+                     method: str = "auto") -> float:
+    """tr Cov_{y~μ}[g(y)] = E‖g(y)‖² − ‖E g(y)‖² for a single sample y.
 
-    Raises ``ValueError`` when V**T exceeds ``MAX_ENUMERATED_SEQUENCES``.
+    MarkovPolicy uses DP (second moments of the reward coefficient), except with sequence importance weights
+    off-policy, where it falls back to enumeration. Enumeration raises ``ValueError`` when V**T exceeds
+    ``MAX_ENUMERATED_SEQUENCES``.
     """
+    method = _method(policy, method)
+    if method == "dp" and config.importance_weighting == "sequence" and behavior is not None:
+        method = "enumerate"
+    if method == "dp":
+        mean = _dp_expected_grad(config, policy, ref, behavior)
+        return float(_dp_second_moment(config, policy, ref, behavior) - mean.square().sum())
     e = _enumerate(policy, ref, behavior, per_sequence=True)
     per_seq = objectives.per_sequence_loss(config, e.logp, e.ref_logp, behavior_logp=e.behavior_logp,
                                            logprobs=e.logprobs, ref_logprobs=e.ref_logprobs)

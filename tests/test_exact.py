@@ -84,7 +84,7 @@ def test_bad_policy_inputs():
 def test_enumeration_refuses_clearly_when_too_large():
     big = MarkovPolicy.random(4, 11)  # 4**11 = 4.2M sequences
     with pytest.raises(ValueError, match="exceeds the limit.*MarkovPolicy"):
-        exact.kl_grad_variance(big, big, KLConfig())
+        exact.kl_grad_variance(big, big, KLConfig(), method="enumerate")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,3 +319,26 @@ def test_variance_matches_brute_force_per_sequence_gradients(cls, off_policy):
         g = torch.stack(grads)
         brute = float((q * g.square().sum(1)).sum() - ((q[:, None] * g).sum(0)).square().sum())
         assert math.isclose(exact.kl_grad_variance(policy, ref, cfg, behavior), brute, rel_tol=1e-10), cfg.name
+
+
+@pytest.mark.parametrize("V, T", [(2, 6), (3, 4)])
+@pytest.mark.parametrize("off_policy", [False, True], ids=["on", "off"])
+def test_markov_dp_variance_matches_enumeration_for_every_configuration(V, T, off_policy):
+    policy, ref, behavior = _triple(MarkovPolicy, V, T, 19)
+    behavior = behavior if off_policy else None
+    for cfg in ALL_CONFIGS:
+        dp = exact.kl_grad_variance(policy, ref, cfg, behavior)
+        enum = exact.kl_grad_variance(policy, ref, cfg, behavior, method="enumerate")
+        assert math.isclose(dp, enum, rel_tol=1e-10), (cfg.name, dp, enum)
+
+
+def test_markov_dp_variance_reaches_long_sequences():
+    """T = 300: variance is finite, positive, and the unbiased reward configuration's grows with T."""
+    g = torch.Generator().manual_seed(5)
+    policy, ref = (MarkovPolicy.random(3, 300, generator=g, scale=0.3) for _ in range(2))
+    cfg = KLConfig("k1", "reward")
+    short = exact.kl_grad_variance(MarkovPolicy(policy.logits[:30]), MarkovPolicy(ref.logits[:30]), cfg)
+    long = exact.kl_grad_variance(policy, ref, cfg)
+    assert 0 < short < long < float("inf")
+    with pytest.raises(ValueError, match="enumerate"):
+        exact._dp_second_moment(KLConfig(importance_weighting="sequence"), policy, ref, policy)

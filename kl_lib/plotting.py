@@ -32,6 +32,9 @@ _PALETTE = {
     "analytic in loss": "#cab2d6",
     "analytic in reward+loss": "#6a3d9a",
     "no KL": "#666666",
+    "k1 in reward (reward-to-go)": "#17becf",
+    "k3 in reward+loss (reward-to-go)": "#a6cee3",
+    "analytic in reward+loss (reward-to-go)": "#b15928",
 }
 
 
@@ -48,7 +51,7 @@ def config_palette(labels) -> dict[str, str]:
     its base label's colour unless the base is also present; anything else gets a tab20 colour.
     """
     labels = list(dict.fromkeys(labels))
-    extra = iter(sns.color_palette("tab20", n_colors=20).as_hex() * (1 + len(labels) // 20))
+    extra = iter(_fallback_colours() * (1 + len(labels) // 8))
     out = {}
     for label in labels:
         base = label.split(" (")[0]
@@ -59,6 +62,22 @@ def config_palette(labels) -> dict[str, str]:
         else:
             out[label] = next(extra)
     return out
+
+
+def _fallback_colours() -> list[str]:
+    """tab20 colours that are not close to any fixed configuration colour."""
+    fixed = [_rgb(c) for c in _PALETTE.values()]
+    out = []
+    for colour in sns.color_palette("tab20", n_colors=20).as_hex():
+        rgb = _rgb(colour)
+        if min(sum((a - b) ** 2 for a, b in zip(rgb, f)) for f in fixed) > 0.02:
+            out.append(colour)
+    return out
+
+
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    h = hex_colour.lstrip("#")
+    return tuple(int(h[i: i + 2], 16) / 255 for i in (0, 2, 4))
 
 
 def caption(fig: plt.Figure, text: str, width: int = 120) -> None:

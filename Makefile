@@ -1,0 +1,111 @@
+# Environment, notebook pipeline and tests for the KL-estimators compendium.
+#
+#   make env                       .venv with kl_lib[notebooks,test] + the "kl-compendium" Jupyter kernel
+#   make test                      pytest over tests/ (including smoke executions of every notebook)
+#   make reproduce                 execute stale notebooks/NN_*.ipynb into runs/notebooks/
+#   make reproduce SMOKE=1         the same with smoke=True, into runs/smoke/notebooks/
+#   make reproduce PARAMS="-p seed 3" PARAMS_02_toy_gradient_bias="-p rl_steps 200"
+#   make lab                       JupyterLab on 127.0.0.1 (no browser)
+#   make clean | distclean         generated outputs and caches | also .venv
+#
+# An executed notebook is the Make target: it is stale when its source notebook, any kl_lib/**/*.py, the
+# environment (.venv/.stamp) or the PARAMS given to make changed. kl_lib.nbrun moves it into place only
+# when every cell succeeded, so a failed run is retried next time instead of looking up to date.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SUFFIXES:
+MAKEFLAGS += --no-builtin-rules
+
+# Python 3.11 (pyproject: requires-python = ">=3.11,<3.12"); override with PYTHON=/path/to/python3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Extra pip arguments, e.g. PIP_INSTALL_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" on a
+# Linux machine whose index would otherwise hand out the CUDA build of torch (tests reject nvidia-* wheels).
+PIP_INSTALL_ARGS ?=
+PYTEST_ARGS ?=
+LAB_PORT ?= 8888
+
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+KERNEL := kl-compendium
+KERNEL_DISPLAY := KL compendium (.venv)
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+STEMS := $(patsubst notebooks/%.ipynb,%,$(NOTEBOOKS))
+KL_LIB_SRC := $(shell find kl_lib -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
+
+# Smoke results live apart from full results so that a smoke run can never pass for the real thing.
+ifneq ($(filter 1 true True yes,$(SMOKE)),)
+NB_OUT := runs/smoke/notebooks
+NBRUN_FLAGS := --smoke
+else
+NB_OUT := runs/notebooks
+NBRUN_FLAGS :=
+endif
+EXECUTED := $(patsubst %,$(NB_OUT)/%.ipynb,$(STEMS))
+PARAMS_STAMP := $(NB_OUT)/.params
+ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
+
+.DEFAULT_GOAL := help
+.PHONY: help env test reproduce lab clean distclean FORCE
+
+help:
+	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment: rebuilt only when pyproject.toml is newer than the stamp.
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no python3.11/python3 on PATH; pass PYTHON=..." >&2; exit 1; }
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install $(PIP_INSTALL_ARGS) -e ".[notebooks,test]"
+	$(VPY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "$(KERNEL_DISPLAY)"
+	touch $@
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests. pytest exits 5 when it collects nothing; make treats that like any other failure.
+
+test: $(STAMP)
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------------------------------------------------
+# Notebooks. Kernel cwd = repository root; each notebook gets smoke and output_dir=$(NB_OUT)/<stem>.
+
+reproduce: $(EXECUTED)
+	@echo "$(words $(EXECUTED)) notebook(s) up to date in $(NB_OUT)/"
+
+$(NB_OUT)/%.ipynb: notebooks/%.ipynb $(KL_LIB_SRC) $(STAMP) $(PARAMS_STAMP)
+	$(VPY) -m kl_lib.nbrun $< --out $(NB_OUT) $(NBRUN_FLAGS) $(PARAMS) $(PARAMS_$*)
+
+# Rewritten only when the parameters differ from the last run's, so changing PARAMS reruns the notebooks
+# and repeating it does not.
+$(PARAMS_STAMP): FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' '$(subst ','\'',$(strip $(ALL_PARAMS)))' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
+FORCE:
+
+# ---------------------------------------------------------------------------------------------------------
+# Interactive use. Kernels started by JupyterLab run in notebooks/; see kl_lib.nbrun.chdir_to_repo_root.
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser \
+		--ServerApp.root_dir="$(CURDIR)" $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# ---------------------------------------------------------------------------------------------------------
+# clean keeps runs/reference/ (committed results) and runs/.gitkeep; distclean also drops the environment
+# and data/cache/.
+
+clean:
+	if [ -d runs ]; then find runs -mindepth 1 -maxdepth 1 ! -name reference ! -name .gitkeep -exec rm -rf {} +; fi
+	find . \( -path ./.venv -o -path ./.git \) -prune -o -type d \
+		\( -name __pycache__ -o -name .ipynb_checkpoints -o -name .pytest_cache -o -name .hypothesis \) \
+		-prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info data/cache

@@ -1,0 +1,236 @@
+"""Configuration of an RL fine-tuning run: one dataclass, every field documented, validated before any compute.
+
+A run is described by YAML (``configs/*.yaml``) or keyword overrides ``--set key=value`` (dotted keys reach
+into the KL section: ``--set kl.estimator=k3``). Unknown keys and invalid values raise ``ValueError`` naming
+the field and the allowed values. :meth:`RLConfig.run_name` is a deterministic name, and :meth:`digest` a hash
+of every field that changes results, so that a sweep can tell a finished run from a changed one.
+
+Defaults follow the paper's on-policy setting (RLOO, one gradient step per batch, sequence-sum KL with k1 in
+the reward) at a scale that runs on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from kl_lib.config import KLConfig
+
+__all__ = ["RLConfig", "ADVANTAGES", "POLICY_LOSSES", "FINETUNES", "load_config", "apply_overrides"]
+
+ADVANTAGES = ("rloo", "grpo", "drgrpo")
+POLICY_LOSSES = ("reinforce", "ppo")
+FINETUNES = ("full", "lora")
+AGGREGATIONS = ("sum", "token_mean")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    # ---- what is trained, on what
+    model: str = "data/models/tiny-base"
+    """Model directory or hub name (anything ``AutoModelForCausalLM.from_pretrained`` loads)."""
+    data_dir: str = "data/arithmetic"
+    """Directory holding the task splits ``rl_train.jsonl``, ``id_test.jsonl``, ``ood_test.jsonl``."""
+    seed: int = 0
+    """Seeds prompt order, sampling and LoRA initialisation; a run is deterministic from it on CPU."""
+    steps: int = 100
+    """Optimizer steps (one batch of rollouts each)."""
+    # ---- rollouts
+    prompts_per_step: int = 16
+    """Distinct prompts per step."""
+    group_size: int = 4
+    """Samples per prompt (the paper uses 5). Needs ≥ 2 for RLOO/GRPO baselines."""
+    max_new_tokens: int = 6
+    """Generation budget; responses that do not end within it are truncated and score 0."""
+    temperature: float = 1.0
+    """Sampling temperature (the paper samples at 1.0). Log-probs are of the tempered distribution."""
+    # ---- objective
+    advantage: str = "rloo"
+    """``rloo`` (leave-one-out baseline, the paper's), ``grpo`` ((R − mean)/std) or ``drgrpo`` (R − mean)."""
+    policy_loss: str = "reinforce"
+    """``reinforce`` (−A·Σ_t log π, exactly on-policy) or ``ppo`` (clipped ratio to the behaviour policy)."""
+    ppo_epochs: int = 1
+    """PPO only: passes over each batch."""
+    ppo_minibatches: int = 1
+    """PPO only: minibatches per pass (1 = the whole batch per update)."""
+    clip_eps: float = 0.2
+    """PPO only: ratio clip range [1 − ε, 1 + ε]."""
+    kl: KLConfig = field(default_factory=lambda: KLConfig("k1", "reward", beta=0.1))
+    """The KL configuration (estimator, placement, beta, reward_to_go, importance_weighting), see kl_lib.config."""
+    aggregation: str = "sum"
+    """How per-token terms are combined: ``sum`` over tokens (DESIGN.md) or ``token_mean`` per sequence."""
+    async_lag: int = 0
+    """Off-policy: rollouts come from the policy of this many steps earlier (0 = on-policy)."""
+    # ---- optimisation
+    finetune: str = "full"
+    """``full`` (reference = a frozen copy) or ``lora`` (reference = the base with adapters disabled)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """LoRA target module names."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping; the unclipped norm is always logged)."""
+    divergence_loss: float = 1e4
+    """|loss| above this (or a NaN/Inf loss or gradient) marks the run diverged and stops it."""
+    # ---- bookkeeping
+    checkpoint_every: int = 25
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 1
+    """How many checkpoints to keep besides the final one."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``mps``."""
+    dtype: str = "auto"
+    """``auto`` = bfloat16 on a GPU that supports it, else float32."""
+    runs_dir: str = "runs/rl"
+    """Parent directory of run directories."""
+    name: str = ""
+    """Run directory name; empty = :meth:`run_name`."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kl, dict):
+            object.__setattr__(self, "kl", KLConfig(**self.kl))
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        _choice("advantage", self.advantage, ADVANTAGES)
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _choice("finetune", self.finetune, FINETUNES)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
+                     "lora_rank", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("seed", "async_lag", "keep_checkpoints"):
+            _nonnegative_int(name, getattr(self, name))
+        for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
+            _positive_float(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"RLConfig.{name}={value!r} must be a finite number ≥ 0")
+        if self.advantage in ("rloo", "grpo", "drgrpo") and self.group_size < 2:
+            raise ValueError(f"RLConfig.group_size={self.group_size} must be ≥ 2 for the {self.advantage!r} baseline")
+        if self.prompts_per_step * self.group_size % self.ppo_minibatches:
+            raise ValueError(f"RLConfig.ppo_minibatches={self.ppo_minibatches} must divide the batch of "
+                             f"{self.prompts_per_step * self.group_size} sequences")
+        if self.policy_loss == "reinforce" and (self.ppo_epochs > 1 or self.ppo_minibatches > 1):
+            raise ValueError("RLConfig.ppo_epochs/ppo_minibatches > 1 need policy_loss='ppo' "
+                             "(REINFORCE is only valid for one on-policy update per batch)")
+        if self.name and ("/" in self.name or self.name.startswith(".")):
+            raise ValueError(f"RLConfig.name={self.name!r} must be a plain directory name")
+
+    # ---- identity
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lora_targets"] = list(self.lora_targets)
+        return out
+
+    def digest(self) -> str:
+        """Hash of every field that affects results (not where they are written)."""
+        d = self.to_dict()
+        for key in ("checkpoint_every", "keep_checkpoints", "runs_dir", "name", "device"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        """Deterministic: ``<kl name>-b<beta>[-lag<k>][-lora]-s<seed>``, or ``nokl-…`` when β = 0."""
+        if self.name:
+            return self.name
+        kl = "nokl" if self.kl.beta == 0 else f"{self.kl.name}-b{self.kl.beta:g}"
+        parts = [kl]
+        if self.async_lag:
+            parts.append(f"lag{self.async_lag}")
+        if self.policy_loss == "ppo":
+            parts.append("ppo")
+        if self.finetune == "lora":
+            parts.append("lora")
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"RLConfig.{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"RLConfig.{name}={value!r} must be an integer ≥ 1")
+
+
+def _nonnegative_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"RLConfig.{name}={value!r} must be an integer ≥ 0")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"RLConfig.{name}={value!r} must be a finite number > 0")
+
+
+_FIELDS = {f.name for f in fields(RLConfig)}
+_KL_FIELDS = {f.name for f in fields(KLConfig)}
+
+
+def _coerce(value: str) -> Any:
+    """``--set`` values are YAML scalars: ``0.1`` → float, ``true`` → bool, ``k3`` → str."""
+    return yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted ``kl.beta=0.3`` for the KL section) to a raw config dict."""
+    raw = {**raw, "kl": dict(raw.get("kl", {}))}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. kl.beta=0.3)")
+        key, value = item.split("=", 1)
+        if key.startswith("kl."):
+            sub = key[3:]
+            if sub not in _KL_FIELDS:
+                raise ValueError(f"unknown KL key {sub!r}; valid keys are {', '.join(sorted(_KL_FIELDS))}")
+            raw["kl"][sub] = _coerce(value)
+        else:
+            if key not in _FIELDS:
+                raise ValueError(f"unknown config key {key!r}; valid keys are {', '.join(sorted(_FIELDS))}")
+            raw[key] = _coerce(value)
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RLConfig:
+    unknown = set(raw) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys are {', '.join(sorted(_FIELDS))}")
+    kl = raw.get("kl", {})
+    if isinstance(kl, dict):
+        unknown_kl = set(kl) - _KL_FIELDS
+        if unknown_kl:
+            raise ValueError(f"unknown KL key(s) {sorted(unknown_kl)}; valid keys are {', '.join(sorted(_KL_FIELDS))}")
+        base = dataclasses.asdict(RLConfig().kl)
+        raw = {**raw, "kl": KLConfig(**{**base, **kl})}
+    return RLConfig(**raw)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RLConfig:
+    """Read a YAML config (or the defaults) and apply overrides; every error names the offending key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping of key: value")
+    return from_dict(apply_overrides(raw, overrides or []))

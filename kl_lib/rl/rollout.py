@@ -1,0 +1,96 @@
+"""Rollouts with ``transformers.generate`` and the per-token log-probs the trainer differentiates.
+
+Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-padded after the first EOS).
+
+* :func:`generate` samples responses at a given temperature (no top-k/top-p/min-p: the plain tempered softmax,
+  as the paper samples) and returns the sampler's own log-probs of the sampled tokens, ``behavior_logp``
+  ``(B, R)``, computed from the raw logits ``generate`` reports: they are the behaviour policy μ for
+  importance weights and PPO ratios.
+* :func:`token_logprobs` recomputes log π(y_t | s_t) with one forward pass over prompt + response, with
+  position ids taken from the attention mask (cumsum − 1), so left padding changes nothing: a test holds it
+  against the sampler's log-probs to 1e-5.
+
+Sampling randomness comes from ``torch``'s global generator inside :func:`torch.random.fork_rng`, seeded per
+call: a rollout is a pure function of (weights, prompts, seed), which makes resumed runs identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Rollout", "generate", "token_logprobs", "response_mask"]
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # (B, P) left-padded
+    prompt_mask: Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: Tensor  # (B, R) right-padded with pad_token_id after the first EOS
+    response_mask: Tensor  # (B, R) bool, True up to and including the first EOS
+    finished: Tensor  # (B,) bool, the response ended with EOS within the budget
+    behavior_logp: Tensor  # (B, R) float32, log μ(y_t | s_t) of the sampler (0 at masked positions)
+    texts: list[str]  # decoded responses (special tokens removed)
+
+
+def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    """``(mask, finished)``: mask is True up to and including the first EOS ``(B, R)``; finished ``(B,)``."""
+    is_eos = response_ids == eos_token_id
+    finished = is_eos.any(-1)
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after_eos, finished
+
+
+def _autocast(model: torch.nn.Module, dtype: torch.dtype | None):
+    device = next(model.parameters()).device
+    if dtype is None or device.type == "cpu":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+             temperature: float, seed: int, autocast_dtype: torch.dtype | None = None) -> Rollout:
+    """Sample one response per row of ``prompt_ids`` ``(B, P)``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _autocast(model, autocast_dtype):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    model.train(was_training)
+    response_ids = out.sequences[:, prompt_ids.shape[1]:]  # (B, R)
+    logits = torch.stack(out.logits, 1).float() / temperature  # (B, R, V) raw logits of each step
+    logp = torch.log_softmax(logits, -1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    mask, finished = response_mask(response_ids, tokenizer.eos_token_id)
+    response_ids = response_ids.masked_fill(~mask, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids.to(device), prompt_mask.to(device), response_ids, mask, finished,
+                   logp.masked_fill(~mask, 0.0), texts)
+
+
+def token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                   temperature: float = 1.0, autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(logp, logprobs)``: log π of the response tokens ``(B, R)`` and the full log-probs ``(B, R, V)``.
+
+    Both are float32 and differentiable through ``model``; the full log-probs feed the analytic estimator,
+    entropy and the forward-KL estimate.
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], 1)  # (B, P + R)
+    attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    with _autocast(model, autocast_dtype):
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    P = prompt_ids.shape[1]
+    logits = logits[:, P - 1: -1].float() / temperature  # (B, R, V): the distribution of each response token
+    logprobs = torch.log_softmax(logits, -1)
+    logp = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    return logp, logprobs

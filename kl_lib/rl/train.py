@@ -1,0 +1,449 @@
+"""RL fine-tuning with any KL configuration: one readable loop.
+
+    python -m kl_lib.rl.train --config configs/base.yaml [--set kl.estimator=k3 --set kl.placement=loss ...]
+
+Per step (the paper's on-policy RLOO by default):
+
+1. **Rollout.** ``prompts_per_step`` prompts × ``group_size`` samples from the *sampler*: the current policy,
+   or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL).
+2. **Reward and advantage.** R ∈ {0, 1} from the task's verifier; A_i = R_i − mean_{j≠i} R_j (RLOO),
+   (R_i − mean)/std (GRPO) or R_i − mean (Dr. GRPO), within each prompt's group.
+3. **Loss** (minimised) = policy-gradient term + the KL configuration's term from ``kl_lib.objectives``, the
+   same code the exact analysis differentiates:
+
+       REINFORCE:  L_pg = −(1/N) Σ_i A_i Σ_t m_t log π(y_t)
+       PPO-clip:   L_pg = −(1/N) Σ_i Σ_t m_t min(r_t A_i, clip(r_t, 1 ± ε) A_i),  r_t = π/μ
+       KL:         L_kl = objectives.kl_term(config.kl, log π, log π_ref, m, behavior_logp=log μ)
+
+   Sums over tokens (no length normalisation) unless ``aggregation = "token_mean"``.
+4. **Update** with AdamW, gradient clipping; NaN/Inf or |loss| > ``divergence_loss`` marks the run diverged.
+
+The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
+adapters disabled (no second copy in memory). Everything a run produces lives in ``runs/rl/<name>/``:
+``config.json``, ``metrics.jsonl`` (one line per step, namespaced keys), ``checkpoints/``, ``summary.json``
+and ``DONE`` (written last). An interrupted run resumes from its last checkpoint and produces the same metrics
+as an uninterrupted one (seeded per step; CPU).
+
+Departures from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``; unbiased
+either way); the model, task and scale are small (see ``kl_lib.tasks.arithmetic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kl_lib import objectives
+from kl_lib.estimators import analytic
+from kl_lib.models import format_prompt, load_model, load_tokenizer
+from kl_lib.rl.config import RLConfig, load_config
+from kl_lib.rl.rollout import Rollout, generate, token_logprobs
+from kl_lib.runs import atomic_write, environment_info, write_json
+from kl_lib.tasks.arithmetic import Problem, load_split, reward
+
+__all__ = ["train", "compute_advantages", "policy_loss", "RunResult", "resolve_device"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pieces of the objective
+# ------------------------------------------------------------------------------------------------------------
+
+
+def compute_advantages(rewards: Tensor, group_size: int, kind: str) -> Tensor:
+    """Per-sequence advantages ``(B,)`` from rewards ``(B,)`` laid out as consecutive groups of ``group_size``."""
+    r = rewards.view(-1, group_size)  # (num_prompts, G)
+    mean = r.mean(-1, keepdim=True)
+    if kind == "rloo":
+        adv = (r - mean) * group_size / (group_size - 1)  # = R_i − mean of the others
+    elif kind == "grpo":
+        adv = (r - mean) / (r.std(-1, keepdim=True) + 1e-6)
+    elif kind == "drgrpo":
+        adv = r - mean
+    else:
+        raise ValueError(f"unknown advantage {kind!r}; choose 'rloo', 'grpo' or 'drgrpo'")
+    return adv.reshape(-1)
+
+
+def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behavior_logp: Tensor | None,
+                clip_eps: float, aggregation: str) -> tuple[Tensor, dict[str, float]]:
+    """The policy-gradient term (minimised), mean over sequences; ``logp``/``mask`` are ``(B, R)``."""
+    m = mask.to(logp.dtype)
+    if kind == "reinforce":
+        per_token = -advantages[:, None] * logp
+        clip_fraction = 0.0
+    else:
+        if behavior_logp is None:
+            raise ValueError("PPO needs the behaviour log-probs")
+        ratio = torch.exp(logp - behavior_logp)
+        unclipped = ratio * advantages[:, None]
+        clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages[:, None]
+        per_token = -torch.minimum(unclipped, clipped)
+        clip_fraction = float(((clipped < unclipped).to(m.dtype) * m).sum() / m.sum().clamp_min(1))
+    per_seq = (per_token * m).sum(-1)
+    if aggregation == "token_mean":
+        per_seq = per_seq / m.sum(-1).clamp_min(1)
+    return per_seq.mean(), {"ppo/clip_fraction": clip_fraction}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up
+# ------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(cfg: RLConfig) -> tuple[torch.device, torch.dtype | None]:
+    """``(device, autocast dtype)``: bf16 autocast on GPUs that support it, plain float32 otherwise."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("RLConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+    if cfg.dtype == "float32" or device.type == "cpu":
+        if cfg.dtype == "bfloat16" and device.type == "cpu":
+            raise ValueError("RLConfig.dtype='bfloat16' is for GPUs; on CPU use 'auto' or 'float32'")
+        return device, None
+    if cfg.dtype == "bfloat16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return device, torch.bfloat16
+    return device, None
+
+
+def _check_inputs(cfg: RLConfig) -> None:
+    """Fail before any compute when the data or the model is missing."""
+    data = Path(cfg.data_dir)
+    for split in ("rl_train",):
+        if not (data / f"{split}.jsonl").exists():
+            raise FileNotFoundError(f"{data / f'{split}.jsonl'} is missing; create the task data with `make data`")
+    model = Path(cfg.model)
+    if (cfg.model.startswith((".", "/")) or model.parts[:1] in (("data",), ("runs",))) and not model.exists():
+        raise FileNotFoundError(f"model directory {model} is missing; build it with `make base-model`")
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _build_models(cfg: RLConfig, device: torch.device):
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_model(cfg.model, device=device)
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                       target_modules=list(cfg.lora_targets), bias="none"))
+        ref = None  # the reference is the same model with its adapters disabled
+    else:
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy.train()
+    sampler = None
+    if cfg.async_lag:
+        sampler = copy.deepcopy(policy).eval().requires_grad_(False)
+    return tokenizer, policy, ref, sampler
+
+
+@contextlib.contextmanager
+def _reference(policy, ref):
+    """The model to score π_ref with: the frozen copy, or the policy with LoRA adapters disabled."""
+    if ref is not None:
+        yield ref
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Run directory: checkpoints, metrics, summary
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "done", "diverged", "skipped"
+    steps_completed: int
+    summary: dict[str, Any]
+
+
+def _save_checkpoint(run_dir: Path, step: int, policy, optimizer, snapshots: deque, cfg: RLConfig) -> None:
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "digest": cfg.digest(), "trainable": _trainable_state(policy),
+                "optimizer": optimizer.state_dict(), "snapshots": list(snapshots)}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    old = sorted(p for p in ckpt_root.glob("step_*") if p != final)
+    for p in old[: max(0, len(old) - cfg.keep_checkpoints)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _truncate_metrics(path: Path, keep_below_step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] < keep_below_step]
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def _summarise(metrics: list[dict[str, Any]], status: str, extra: dict[str, Any]) -> dict[str, Any]:
+    rewards = [m["reward/mean"] for m in metrics]
+    summary: dict[str, Any] = {"status": status, "steps_completed": len(metrics), **extra}
+    if rewards:
+        window = max(1, len(rewards) // 10)
+        peak = max(sum(rewards[i: i + window]) / len(rewards[i: i + window]) for i in range(len(rewards)))
+        final = sum(rewards[-window:]) / window
+        summary.update({
+            "reward/final": final, "reward/peak": peak, "reward/initial": sum(rewards[:window]) / window,
+            # A collapse is recorded, not hidden: final reward below half its running peak.
+            "reward_collapse": bool(peak > 0 and final < 0.5 * peak),
+            "kl/final_k1": metrics[-1].get("kl/k1"), "kl/final_analytic": metrics[-1].get("kl/analytic"),
+            "policy/final_entropy": metrics[-1].get("policy/entropy"),
+        })
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _encode_prompts(tokenizer, problems: list[Problem], device: torch.device) -> tuple[Tensor, Tensor]:
+    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**31 - 1)
+
+
+def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -> RunResult:
+    """Run (or resume, or skip if already done) the configured training; returns where and how it ended.
+
+    ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
+    """
+    _check_inputs(cfg)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name()
+    config_record = {"config": cfg.to_dict(), "digest": cfg.digest(), "environment": environment_info()}
+    if (run_dir / "DONE").exists():
+        previous = json.loads((run_dir / "config.json").read_text())
+        if previous.get("digest") == cfg.digest():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
+        shutil.rmtree(run_dir)  # same name, changed config: start over
+    if (run_dir / "config.json").exists():
+        previous = json.loads((run_dir / "config.json").read_text())
+        if previous.get("digest") != cfg.digest():
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config_record)
+
+    device, autocast_dtype = resolve_device(cfg)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer, policy, ref, sampler = _build_models(cfg, device)
+    problems = load_split(Path(cfg.data_dir) / "rl_train.jsonl")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    snapshots: deque = deque(maxlen=cfg.async_lag + 1)  # trainable weights of the last lag + 1 policies
+
+    start_step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        if state["digest"] == cfg.digest():
+            _load_trainable(policy, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            snapshots.extend(state["snapshots"])
+            start_step = state["step"]
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+
+    status, reason = "done", None
+    steps_this_call = 0
+    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", disable=not progress,
+               initial=start_step, total=cfg.steps, mininterval=2, file=sys.stderr)
+    with open(metrics_path, "a") as metrics_file:
+        for step in bar:
+            t0 = time.perf_counter()
+            # ---- ROLLOUT: sample from the current policy, or from the one of `async_lag` steps ago
+            snapshots.append(_trainable_state(policy))
+            rng = random.Random(_step_seed(cfg.seed, step))
+            batch = [p for p in rng.sample(problems, cfg.prompts_per_step) for _ in range(cfg.group_size)]
+            prompt_ids, prompt_mask = _encode_prompts(tokenizer, batch, device)
+            if cfg.async_lag:
+                _load_trainable(sampler, snapshots[0])  # lag steps old (or the oldest available early on)
+                sampler_model = sampler
+            else:
+                sampler_model = policy
+            try:
+                roll: Rollout = generate(sampler_model, tokenizer, prompt_ids, prompt_mask,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         seed=_step_seed(cfg.seed, step), autocast_dtype=autocast_dtype)
+            except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
+                if "probability tensor" not in str(err):
+                    raise
+                status, reason = "diverged", f"step {step}: rollout failed ({err})"
+                break
+            t_gen = time.perf_counter() - t0
+
+            # ---- REWARD AND ADVANTAGE
+            rewards = torch.tensor([reward(text, p.answer, bool(f)) for text, p, f in
+                                    zip(roll.texts, batch, roll.finished.tolist())], device=device)
+            advantages = compute_advantages(rewards, cfg.group_size, cfg.advantage)
+            with torch.no_grad(), _reference(policy, ref) as ref_model:
+                ref_logp, ref_logprobs = token_logprobs(ref_model, roll.prompt_ids, roll.prompt_mask,
+                                                        roll.response_ids, roll.response_mask, cfg.temperature,
+                                                        autocast_dtype)
+            off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
+            behavior_logp = roll.behavior_logp if off_policy else None
+
+            # ---- LOSS AND UPDATE (one step for REINFORCE; epochs × minibatches for PPO)
+            t1 = time.perf_counter()
+            n = roll.response_ids.shape[0]
+            full = cfg.kl.estimator == "analytic"
+            logged = None  # (log π, full log-probs) of the whole batch before any update, for logging
+            if cfg.ppo_minibatches > 1:
+                with torch.no_grad():
+                    logged = token_logprobs(policy, roll.prompt_ids, roll.prompt_mask, roll.response_ids,
+                                            roll.response_mask, cfg.temperature, autocast_dtype)
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.arange(n)
+                if cfg.ppo_minibatches > 1:
+                    order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step) + epoch))
+                for idx in order.view(cfg.ppo_minibatches, -1).to(device):
+                    mask = roll.response_mask[idx]
+                    logp, logprobs = token_logprobs(policy, roll.prompt_ids[idx], roll.prompt_mask[idx],
+                                                    roll.response_ids[idx], mask, cfg.temperature, autocast_dtype)
+                    if logged is None:
+                        logged = (logp.detach(), logprobs.detach())
+                    beh = None if behavior_logp is None else behavior_logp[idx]
+                    pg, pg_metrics = policy_loss(cfg.policy_loss, logp, advantages[idx], mask, beh, cfg.clip_eps,
+                                                 cfg.aggregation)
+                    kl_loss, _ = objectives.kl_term(
+                        cfg.kl, logp, ref_logp[idx], mask, behavior_logp=beh,
+                        logprobs=logprobs if full else None, ref_logprobs=ref_logprobs[idx] if full else None,
+                        aggregation=cfg.aggregation)
+                    loss = pg + kl_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value) or not math.isfinite(grad_norm) \
+                            or abs(loss_value) > cfg.divergence_loss:
+                        status = "diverged"
+                        reason = f"step {step}: loss={loss_value:.4g}, grad_norm={grad_norm:.4g}"
+                        break
+                    optimizer.step()
+                    if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                        status, reason = "diverged", f"step {step}: non-finite weights after the update"
+                        break
+                if status == "diverged":
+                    break
+            t_train = time.perf_counter() - t1
+
+            # ---- LOGGING: the policy that was updated this step, on the whole batch
+            with torch.no_grad():
+                m, mf = roll.response_mask, roll.response_mask.float()
+                cur_logp, cur_logprobs = logged
+                kl_values = objectives.kl_metrics(cur_logp, ref_logp, m, logprobs=cur_logprobs,
+                                                  ref_logprobs=ref_logprobs)
+                entropy = -(cur_logprobs.exp() * cur_logprobs).sum(-1)  # (B, R)
+                forward = analytic(ref_logprobs, cur_logprobs)  # per-state KL(π_ref ‖ π), (B, R)
+                step_metrics = {
+                    "step": step,
+                    "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                    "reward/finished_fraction": float(roll.finished.float().mean()),
+                    **{k: float(v) for k, v in kl_values.items()},
+                    "kl/forward_myopic": float((forward * mf).sum(-1).mean()),
+                    "policy/entropy": float((entropy * mf).sum() / mf.sum().clamp_min(1)),
+                    "loss/pg": pg.item(), "loss/kl": kl_loss.item(), "loss/total": loss_value,
+                    "grad/norm": grad_norm, **pg_metrics,
+                    "response/length": float(mf.sum(-1).mean()),
+                    "time/generate_s": t_gen, "time/train_s": t_train, "time/step_s": time.perf_counter() - t0,
+                }
+                if cfg.async_lag:
+                    step_metrics["offpolicy/log_ratio_mean"] = float(
+                        ((cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1))
+            metrics_file.write(json.dumps(step_metrics) + "\n")
+            metrics_file.flush()
+            history.append(step_metrics)
+            bar.set_postfix(reward=f"{step_metrics['reward/mean']:.2f}", kl=f"{step_metrics['kl/k1']:.3f}")
+            if status == "diverged":
+                break
+            steps_this_call += 1
+            done_steps = step + 1
+            if done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
+                _save_checkpoint(run_dir, done_steps, policy, optimizer, snapshots, cfg)
+            if stop_after is not None and steps_this_call >= stop_after and done_steps < cfg.steps:
+                bar.close()
+                return RunResult(run_dir, "interrupted", done_steps, {})
+    bar.close()
+
+    final_dir = run_dir / "final"
+    if status == "done":
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp.rename(final_dir)
+    summary = _summarise(history, status, {"diverged_reason": reason, "run_name": cfg.run_name(),
+                                           "digest": cfg.digest(), "final_model": str(final_dir) if status == "done" else None})
+    write_json(run_dir / "summary.json", summary)
+    (run_dir / "DONE").write_text(status + "\n")
+    return RunResult(run_dir, status, len(history), summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="RL fine-tuning with a chosen KL configuration.")
+    parser.add_argument("--config", help="YAML config file (defaults: kl_lib.rl.config.RLConfig)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set kl.estimator=k3 --set steps=50 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = train(cfg, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status, **result.summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

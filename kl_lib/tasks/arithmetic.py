@@ -1,0 +1,167 @@
+"""A synthetic arithmetic task family with verifiable answers: the small-scale stand-in for MATH.
+
+Every problem is ``"<a><op><b>="`` with an integer answer, generated deterministically from a seed. Skills:
+
+    add2  a + b,   0 ≤ a, b ≤ 99            sub2  a − b,   0 ≤ b ≤ a ≤ 99
+    add3  a + b,   100 ≤ a, b ≤ 999         sub3  a − b,   100 ≤ b ≤ a ≤ 999
+    add21 a + b,   10 ≤ a ≤ 99, 100 ≤ b ≤ 999   (mixed widths)
+
+Splits (see ``SPLITS``): the base model is fine-tuned on ``sft`` (mostly the 2-digit skills, a little of the
+3-digit ones, so it *partly* knows them); RL trains on ``rl_train`` (``add3``, the in-domain task);
+``id_test`` holds out ``add3`` problems never seen in ``sft`` or ``rl_train``; ``ood_test`` holds ``sub3`` and
+``add21``, skills that RL on ``add3`` does not train but that share its digits and carries, so that RL can
+help or hurt them: the out-of-domain generalisation a KL term is supposed to protect.
+
+Reward (:func:`reward`): 1 if the response, up to the end-of-sequence marker, is exactly the answer's digits
+(surrounding spaces allowed), else 0. Malformed, empty or truncated responses (no end marker) score 0; the
+function never raises on model output.
+
+Departure from the paper: MATH problems and boxed answers are replaced by integer arithmetic that a 1M-parameter
+model can learn on a CPU; the structure (in-domain RL task, held-out in-domain test, out-of-domain skills
+the base model partly knows) is the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from kl_lib.runs import atomic_write
+
+__all__ = ["Problem", "SKILLS", "SPLITS", "make_problem", "generate_split", "write_splits", "load_split",
+           "load_dataset_split", "parse_answer", "reward"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    skill: str
+    prompt: str  # the user message, e.g. "123+456="
+    answer: str  # the reference answer, e.g. "579"
+
+
+def _add(rng: random.Random, lo_a: int, hi_a: int, lo_b: int, hi_b: int) -> tuple[str, int]:
+    a, b = rng.randint(lo_a, hi_a), rng.randint(lo_b, hi_b)
+    return f"{a}+{b}=", a + b
+
+
+def _sub(rng: random.Random, lo: int, hi: int) -> tuple[str, int]:
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    a, b = max(a, b), min(a, b)
+    return f"{a}-{b}=", a - b
+
+
+SKILLS = {
+    "add2": lambda rng: _add(rng, 0, 99, 0, 99),
+    "sub2": lambda rng: _sub(rng, 0, 99),
+    "add3": lambda rng: _add(rng, 100, 999, 100, 999),
+    "sub3": lambda rng: _sub(rng, 100, 999),
+    "add21": lambda rng: _add(rng, 10, 99, 100, 999),
+}
+
+# split name -> (size, {skill: weight}); sizes are the defaults of write_splits.
+SPLITS: dict[str, tuple[int, dict[str, float]]] = {
+    "sft": (40_000, {"add2": 0.48, "sub2": 0.48, "add3": 0.02, "sub3": 0.02}),
+    "rl_train": (5_000, {"add3": 1.0}),
+    "id_test": (300, {"add3": 1.0}),
+    "ood_test": (300, {"sub3": 0.5, "add21": 0.5}),
+}
+
+
+def make_problem(skill: str, rng: random.Random, index: int) -> Problem:
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; valid skills are {', '.join(map(repr, SKILLS))}")
+    prompt, answer = SKILLS[skill](rng)
+    return Problem(id=f"{skill}-{index}", skill=skill, prompt=prompt, answer=str(answer))
+
+
+def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: Iterable[str] = ()) -> list[Problem]:
+    """Problems of one split, deterministic in (name, seed, size); prompts in ``exclude`` are skipped.
+
+    Within a split prompts are unique. ``write_splits`` passes earlier splits' prompts as ``exclude`` so that
+    test problems never appear in training data.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; valid splits are {', '.join(map(repr, SPLITS))}")
+    default_size, mixture = SPLITS[name]
+    size = default_size if size is None else size
+    rng = random.Random(f"{name}:{seed}")
+    skills, weights = zip(*mixture.items())
+    seen = set(exclude)
+    problems: list[Problem] = []
+    attempts = 0
+    while len(problems) < size:
+        attempts += 1
+        if attempts > 50 * size + 1000:
+            raise ValueError(f"split {name!r}: cannot draw {size} distinct problems; ask for fewer")
+        skill = rng.choices(skills, weights)[0]
+        problem = make_problem(skill, rng, len(problems))
+        if problem.prompt in seen:
+            continue
+        seen.add(problem.prompt)
+        problems.append(problem)
+    return problems
+
+
+def write_splits(data_dir: str | os.PathLike = "data/arithmetic", seed: int = 0,
+                 sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write every split as ``<data_dir>/<split>.jsonl`` (atomically); test splits first, then disjoint training."""
+    sizes = sizes or {}
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {', '.join(map(repr, SPLITS))}")
+    out, seen = {}, set()
+    for name in ("id_test", "ood_test", "rl_train", "sft"):
+        problems = generate_split(name, seed, sizes.get(name), exclude=seen)
+        seen.update(p.prompt for p in problems)
+        path = Path(data_dir) / f"{name}.jsonl"
+        with atomic_write(path) as f:
+            for p in problems:
+                f.write(json.dumps(asdict(p)) + "\n")
+        out[name] = path
+    return out
+
+
+def load_split(path: str | os.PathLike) -> list[Problem]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; create the data with `make data` "
+                                "(or kl_lib.tasks.arithmetic.write_splits)")
+    with open(path) as f:
+        return [Problem(**json.loads(line)) for line in f if line.strip()]
+
+
+def load_dataset_split(path: str | os.PathLike):
+    """The split as a ``datasets.Dataset`` (columns id, skill, prompt, answer), from the JSONL file."""
+    import datasets
+
+    if not Path(path).exists():
+        load_split(path)  # raises the clear error
+    return datasets.Dataset.from_json(str(path))
+
+
+_ANSWER = re.compile(r"^\s*(-?\d+)\s*$")
+
+
+def parse_answer(response: str) -> int | None:
+    """The integer the response states, or None if it is not exactly one integer (spaces allowed)."""
+    if not isinstance(response, str):
+        return None
+    match = _ANSWER.match(response)
+    return int(match.group(1)) if match else None
+
+
+def reward(response: str, answer: str, finished: bool = True) -> float:
+    """1.0 for a finished response that states exactly the answer, else 0.0; never raises."""
+    if not finished:
+        return 0.0
+    value = parse_answer(response)
+    try:
+        return float(value is not None and value == int(answer))
+    except (TypeError, ValueError):
+        return 0.0

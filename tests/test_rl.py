@@ -1,0 +1,249 @@
+"""The RL engine on a tiny random Llama saved and loaded like a hub model: rollouts, the KL gradient of every
+configuration on a real LM against DESIGN.md's per-token formula, resumption, divergence, LoRA and off-policy."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from kl_lib import objectives
+from kl_lib.config import KLConfig
+from kl_lib.models import format_prompt, load_model, load_tokenizer, save_untrained_model
+from kl_lib.rl.config import RLConfig, load_config
+from kl_lib.rl.rollout import generate, response_mask, token_logprobs
+from kl_lib.rl.train import compute_advantages, train
+from kl_lib.tasks.arithmetic import write_splits
+
+SIZES = {"rl_train": 64, "id_test": 16, "ood_test": 16, "sft": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    model_dir = save_untrained_model(root / "model", seed=0, hidden_size=32, num_layers=2, num_heads=2,
+                                     intermediate_size=64)
+    write_splits(root / "data", seed=0, sizes=SIZES)
+    return root, model_dir
+
+
+def _cfg(tiny, **kw):
+    root, model_dir = tiny
+    base = dict(model=str(model_dir), data_dir=str(root / "data"), steps=3, prompts_per_step=4, group_size=2,
+                max_new_tokens=4, lr=1e-3, runs_dir=str(root / "runs"), checkpoint_every=2)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def _prompts(tokenizer, texts):
+    enc = tokenizer([format_prompt(tokenizer, t) for t in texts], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_recomputed_logprobs_match_the_sampler_with_left_padding(tiny):
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    ids, mask = _prompts(tokenizer, ["1+2=", "123+456=", "99-7=", "5+5="])  # different lengths: left padding
+    assert (mask == 0).any()
+    for temperature in (1.0, 0.7):
+        roll = generate(model, tokenizer, ids, mask, max_new_tokens=5, temperature=temperature, seed=3)
+        logp, logprobs = token_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.response_ids,
+                                        roll.response_mask, temperature)
+        m = roll.response_mask
+        torch.testing.assert_close(logp[m], roll.behavior_logp[m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones_like(logp))
+    # the same prompt alone (no padding) gives the same log-probs as inside the padded batch
+    alone_ids, alone_mask = _prompts(tokenizer, ["1+2="])
+    alone, _ = token_logprobs(model, alone_ids, alone_mask, roll.response_ids[:1], roll.response_mask[:1], 0.7)
+    torch.testing.assert_close(alone[roll.response_mask[:1]], logp[:1][roll.response_mask[:1]], atol=1e-5, rtol=0)
+
+
+def test_generation_is_a_pure_function_of_the_seed(tiny):
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    ids, mask = _prompts(tokenizer, ["12+34=", "7-3="])
+    a = generate(model, tokenizer, ids, mask, max_new_tokens=4, temperature=1.0, seed=11)
+    b = generate(model, tokenizer, ids, mask, max_new_tokens=4, temperature=1.0, seed=11)
+    assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_response_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
+    mask, finished = response_mask(ids, eos_token_id=2)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert finished.tolist() == [True, False]
+
+
+def test_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    torch.testing.assert_close(compute_advantages(r, 3, "rloo"), torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(compute_advantages(r, 3, "drgrpo"), r - torch.tensor([1 / 3] * 3 + [1.0] * 3))
+    grpo = compute_advantages(r, 3, "grpo")
+    assert abs(float(grpo[:3].std()) - 1) < 1e-4 and float(grpo[3:].abs().max()) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The KL gradient on a real LM, for a fixed batch, against DESIGN.md §3 written per token
+# --------------------------------------------------------------------------------------------------------------
+
+CONFIGS = [KLConfig(e, p, beta=0.3, reward_to_go=r, importance_weighting=w)
+           for e in ("k1", "k2", "k3") for p in ("reward", "loss", "both") for w in ("none", "token", "sequence")
+           for r in (False, True) if not (r and p == "loss")]
+
+
+def _derivative(estimator, delta):
+    """dk/dδ: k1 → 1, k2 → δ, k3 → 1 − e^{−δ}."""
+    return {"k1": torch.ones_like(delta), "k2": delta, "k3": 1 - torch.exp(-delta)}[estimator]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_kl_gradient_on_the_lm_matches_the_per_token_formula(tiny, cfg):
+    """∇ of objectives.kl_term through the model equals ∇ Σ_t sg(w_t) log π(y_t) with w_t from DESIGN.md §3:
+    reward: β c_t (× ω_t for token weights); loss: β dk/dδ (token weights: β ω_t (k_t + dk/dδ)); × W for sequence."""
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    ref = load_model(model_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ids, mask = _prompts(tokenizer, ["12+34=", "7-3=", "100+200=", "9+9="])
+    roll = generate(ref, tokenizer, ids, mask, max_new_tokens=5, temperature=1.0, seed=5)  # μ = the perturbed model
+    args = (roll.prompt_ids, roll.prompt_mask, roll.response_ids, roll.response_mask)
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(load_model(model_dir), *args)
+        ref_logp = ref_logp + 0.1  # a reference different from the policy (any constant shift changes δ)
+    m = roll.response_mask
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    logp, _ = token_logprobs(model, *args)
+    loss, _ = objectives.kl_term(cfg, logp, ref_logp, m, behavior_logp=roll.behavior_logp)
+    got = grads(loss)
+
+    logp, _ = token_logprobs(model, *args)
+    with torch.no_grad():
+        delta = (logp - ref_logp).masked_fill(~m, 0)
+        k = {"k1": delta, "k2": 0.5 * delta**2, "k3": torch.expm1(-delta) + delta}[cfg.estimator].masked_fill(~m, 0)
+        omega = torch.exp(logp - roll.behavior_logp).masked_fill(~m, 0)
+        c = k.flip(-1).cumsum(-1).flip(-1) if cfg.reward_to_go else k.sum(-1, keepdim=True).expand_as(k)
+        w = torch.zeros_like(logp)
+        if cfg.in_reward:
+            w += c * (omega if cfg.importance_weighting == "token" else 1)
+        if cfg.in_loss:
+            dk = _derivative(cfg.estimator, delta)
+            w += omega * (k + dk) if cfg.importance_weighting == "token" else dk
+        if cfg.importance_weighting == "sequence":
+            w *= torch.exp((logp - roll.behavior_logp).masked_fill(~m, 0).sum(-1, keepdim=True))
+        w = cfg.beta * w.masked_fill(~m, 0) / logp.shape[0]
+    expected = grads((w * logp).sum())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("placement", ["reward", "loss", "both"])
+def test_three_step_smoke_run(tiny, finetune, placement):
+    cfg = _cfg(tiny, finetune=finetune, kl=KLConfig("k1", placement, beta=0.1), name=f"smoke-{finetune}-{placement}")
+    result = train(cfg, progress=False)
+    assert result.status == "done" and result.steps_completed == 3
+    rows = _metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("reward/mean", "kl/k1", "kl/k2", "kl/k3", "kl/analytic", "kl/forward_myopic", "policy/entropy",
+                "grad/norm", "ppo/clip_fraction", "response/length", "time/generate_s", "time/train_s"):
+        assert key in rows[0] and math.isfinite(rows[0][key]), key
+    assert rows[0]["kl/analytic"] == pytest.approx(0.0, abs=1e-6)  # step 0: the policy is the reference
+    # An untrained model earns no reward, so only the KL term moves it: k1 in the loss (∇k1 = ∇log π ≠ 0 per
+    # sample) does; k1 in the reward does not (its coefficient Σ k1 is 0 while π = π_ref).
+    assert (rows[-1]["kl/analytic"] > 1e-8) == (placement != "reward")
+    for name in ("config.json", "summary.json", "DONE"):
+        assert (result.run_dir / name).exists()
+    assert (result.run_dir / "final").exists()
+    assert json.loads((result.run_dir / "config.json").read_text())["digest"] == cfg.digest()
+    # a finished run with the same config is skipped; a changed one reruns
+    assert train(cfg, progress=False).status == "skipped"
+
+
+def test_resuming_gives_the_same_metrics(tiny):
+    straight = train(_cfg(tiny, steps=4, name="straight"), progress=False)
+    cfg = _cfg(tiny, steps=4, name="resumed")
+    first = train(cfg, stop_after=2, progress=False)
+    assert first.status == "interrupted" and not (first.run_dir / "DONE").exists()
+    second = train(cfg, progress=False)
+    assert second.status == "done"
+    assert _strip_times(_metrics(second.run_dir)) == _strip_times(_metrics(straight.run_dir))
+
+
+def test_resume_discards_metrics_written_after_the_last_checkpoint(tiny):
+    cfg = _cfg(tiny, steps=4, checkpoint_every=2, name="truncate")
+    train(cfg, stop_after=3, progress=False)  # checkpoint at 2, metrics for steps 0..2
+    assert len(_metrics(cfg_dir := (tiny[0] / "runs" / "truncate"))) == 3
+    train(cfg, progress=False)
+    assert [r["step"] for r in _metrics(cfg_dir)] == [0, 1, 2, 3]
+
+
+def test_divergence_is_recorded_and_the_run_exits_cleanly(tiny):
+    """A learning rate of 1e30 blows the weights up in one update: the next rollout samples from NaN probabilities
+    and the run stops there, with the metrics of the steps before it."""
+    cfg = _cfg(tiny, steps=8, lr=1e30, kl=KLConfig("k1", "loss", beta=1.0), name="diverge")
+    result = train(cfg, progress=False)
+    assert result.status == "diverged"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    rows = _metrics(result.run_dir)
+    assert summary["status"] == "diverged" and summary["diverged_reason"].startswith("step 1")
+    assert [r["step"] for r in rows] == [0]
+    assert (result.run_dir / "DONE").read_text().strip() == "diverged" and not (result.run_dir / "final").exists()
+
+
+def test_off_policy_path_with_lag_ppo_and_token_weights(tiny):
+    cfg = _cfg(tiny, steps=4, async_lag=2, policy_loss="ppo", ppo_epochs=2, ppo_minibatches=2,
+               kl=KLConfig("k1", "loss", beta=1.0, importance_weighting="token"), name="offpolicy")
+    result = train(cfg, progress=False)
+    rows = _metrics(result.run_dir)
+    assert result.status == "done" and all("offpolicy/log_ratio_mean" in r for r in rows)
+    # steps 0 samples from the initial policy, so does step 2 (lag 2); the log-ratio is 0 only at step 0
+    assert rows[0]["offpolicy/log_ratio_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(rows[3]["offpolicy/log_ratio_mean"]) > 1e-6
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="RLConfig.advantage='ppo'.*'rloo'"):
+        RLConfig(advantage="ppo")
+    with pytest.raises(ValueError, match="RLConfig.group_size"):
+        RLConfig(group_size=1)
+    with pytest.raises(ValueError, match="RLConfig.lr"):
+        RLConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="policy_loss='ppo'"):
+        RLConfig(ppo_epochs=2)
+    with pytest.raises(ValueError, match="KLConfig.placement"):
+        load_config(None, ["kl.placement=advantage"])
+    with pytest.raises(ValueError, match="unknown config key 'stepz'"):
+        load_config(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="unknown KL key"):
+        load_config(None, ["kl.bet=3"])
+    cfg = load_config(None, ["kl.estimator=k3", "kl.placement=loss", "steps=7", "finetune=lora"])
+    assert cfg.kl.estimator == "k3" and cfg.steps == 7 and cfg.run_name() == "k3-loss-b0.1-lora-s0"
+    assert dataclasses.replace(cfg, name="x").digest() == cfg.digest()
+
+
+def test_missing_model_or_data_fails_before_compute(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="make data"):
+        train(_cfg(tiny, data_dir=str(tmp_path / "nodata")), progress=False)
+    with pytest.raises(FileNotFoundError, match="make base-model"):
+        train(_cfg(tiny, model=str(tmp_path / "nomodel")), progress=False)

@@ -5,6 +5,7 @@
 #   make reproduce                 execute stale notebooks/NN_*.ipynb into runs/notebooks/
 #   make reproduce SMOKE=1         the same with smoke=True, into runs/smoke/notebooks/
 #   make reproduce PARAMS="-p seed 3" PARAMS_02_toy_gradient_bias="-p rl_steps 200"
+#   make data | base-model | sweep  task splits, the SFT base model, the RL sweep of configs/sweep.yaml
 #   make lab                       JupyterLab on 127.0.0.1 (no browser)
 #   make clean | distclean         generated outputs and caches | also .venv
 #
@@ -49,7 +50,7 @@ PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env test reproduce lab clean distclean FORCE
+.PHONY: help env test reproduce lab clean distclean data base-model sweep bench FORCE
 
 help:
 	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -71,6 +72,40 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------------------------------------------------
+# RL study: task data -> SFT base model -> sweep of RL runs. Each step is skipped when its output is current
+# (the sweep itself skips finished runs whose config is unchanged and resumes interrupted ones).
+
+DATA_STAMP := data/arithmetic/.stamp
+ifneq ($(filter 1 true True yes,$(SMOKE)),)
+BASE_MODEL := data/models/tiny-base-smoke
+SFT_ARGS := --steps 200 --eval-every 0
+SWEEP_ARGS := --smoke --set runs_dir=runs/smoke/rl --set model=$(BASE_MODEL)
+RL_RUNS := runs/smoke/rl
+else
+BASE_MODEL := data/models/tiny-base
+SFT_ARGS :=
+SWEEP_ARGS :=
+RL_RUNS := runs/rl
+endif
+SWEEP_STAMP := $(RL_RUNS)/sweep.json
+
+data: $(DATA_STAMP)
+$(DATA_STAMP): kl_lib/tasks/arithmetic.py $(STAMP)
+	$(VPY) -m kl_lib.tasks.arithmetic --out data/arithmetic
+	touch $@
+
+base-model: $(BASE_MODEL)/DONE
+$(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/sft.py kl_lib/models.py
+	$(VPY) -m kl_lib.sft --out $(BASE_MODEL) $(SFT_ARGS)
+
+sweep: $(SWEEP_STAMP)
+$(SWEEP_STAMP): configs/sweep.yaml $(BASE_MODEL)/DONE $(KL_LIB_SRC)
+	$(VPY) -m kl_lib.rl.sweep configs/sweep.yaml $(SWEEP_ARGS)
+
+bench: $(STAMP)
+	$(VPY) benchmarks/bench_exact.py
 
 # ---------------------------------------------------------------------------------------------------------
 # Notebooks. Kernel cwd = repository root; each notebook gets smoke and output_dir=$(NB_OUT)/<stem>.
@@ -109,3 +144,8 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) *.egg-info data/cache
+
+# Notebooks that read what the RL targets produce (full runs; smoke notebooks build their own tiny models).
+ifeq ($(filter 1 true True yes,$(SMOKE)),)
+$(NB_OUT)/03_rl_finetuning.ipynb: $(BASE_MODEL)/DONE
+endif

@@ -165,3 +165,18 @@ def reward(response: str, answer: str, finished: bool = True) -> float:
         return float(value is not None and value == int(answer))
     except (TypeError, ValueError):
         return 0.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the arithmetic task splits as JSONL.")
+    parser.add_argument("--out", default="data/arithmetic")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in write_splits(args.out, seed=args.seed).items():
+        print(f"{name:9s} {sum(1 for _ in open(path)):6d} problems -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Evaluation of a model on the held-out splits: greedy accuracy, pass@1 and pass@k at temperature 1.
+
+For each problem i we draw n samples (temperature 1, plain softmax, as the paper evaluates) and count the
+correct ones c_i. Then
+
+    pass@1  = mean_i c_i / n                                   (the paper's metric)
+    pass@k  = mean_i [1 − C(n − c_i, k) / C(n, k)]             (unbiased, Chen et al. 2021), k ≤ n
+    greedy  = mean_i 1[greedy completion correct]
+
+Results of a run are cached in ``<run>/eval.json`` under a key made of the model files' digest and the
+evaluation settings, so they are recomputed only when the checkpoint (or the settings) change.
+
+Departure from the paper: MATH500 / MMLU subsets are replaced by the arithmetic ``id_test`` / ``ood_test``
+splits; min-p sampling is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kl_lib.models import format_prompt, load_model, load_tokenizer
+from kl_lib.runs import write_json
+from kl_lib.tasks.arithmetic import Problem, load_split, reward
+
+__all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    num_samples: int = 8
+    """Samples per problem for pass@1 / pass@k (temperature 1)."""
+    max_new_tokens: int = 6
+    seed: int = 1234
+    batch_size: int = 512
+    splits: tuple[str, ...] = ("id_test", "ood_test")
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (1 − C(n−c, k)/C(n, k))."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _encode(tokenizer, problems: list[Problem], device) -> dict[str, torch.Tensor]:
+    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _score(tokenizer, problems: list[Problem], responses: torch.Tensor) -> list[float]:
+    out = []
+    for p, row in zip(problems, responses):
+        finished = bool((row == tokenizer.eos_token_id).any())
+        out.append(reward(tokenizer.decode(row, skip_special_tokens=True), p.answer, finished))
+    return out
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int = 6, batch_size: int = 512) -> float:
+    """Fraction of problems whose greedy completion earns reward 1."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start: start + batch_size]
+        enc = _encode(tokenizer, batch, device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        scores += _score(tokenizer, batch, out[:, enc["input_ids"].shape[1]:])
+    return sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, problems: list[Problem], settings: EvalSettings = EvalSettings()
+                   ) -> dict[str, Any]:
+    """Greedy accuracy, pass@1 and pass@k (k = 1, 2, 4, …, n) over ``problems``, overall and per skill."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = settings.num_samples
+    greedy, correct = [], []
+    gen = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    per_batch = max(1, settings.batch_size // n)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)
+        for start in range(0, len(problems), per_batch):
+            batch = problems[start: start + per_batch]
+            enc = _encode(tokenizer, batch, device)
+            width = enc["input_ids"].shape[1]
+            out = model.generate(**enc, do_sample=False, **gen)
+            greedy += _score(tokenizer, batch, out[:, width:])
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 num_return_sequences=n, **gen)
+            scores = _score(tokenizer, [p for p in batch for _ in range(n)], out[:, width:])
+            correct += [int(sum(scores[i * n: (i + 1) * n])) for i in range(len(batch))]
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
+
+    def summary(idx: list[int]) -> dict[str, float]:
+        return {"n_problems": len(idx), "greedy": sum(greedy[i] for i in idx) / max(len(idx), 1),
+                **{f"pass@{k}": sum(pass_at_k(n, correct[i], k) for i in idx) / max(len(idx), 1) for k in ks}}
+
+    result = summary(list(range(len(problems))))
+    skills = sorted({p.skill for p in problems})
+    if len(skills) > 1:
+        result["by_skill"] = {s: summary([i for i, p in enumerate(problems) if p.skill == s]) for s in skills}
+    result["correct_counts"] = correct  # per problem, for bootstrap confidence intervals
+    return result
+
+
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a model directory, or from a LoRA adapter directory (merged onto its base)."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload().to(device)
+    else:
+        model = load_model(path, device=device)
+    return model, load_tokenizer(path)
+
+
+def model_digest(path: str | Path) -> str:
+    """Digest of a model directory's weight files (safetensors / bin), so a cache can tell checkpoints apart."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {path}")
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Path,
+                  settings: EvalSettings = EvalSettings(), device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate a model directory on the settings' splits, cached in the JSON file ``cache``."""
+    cache = Path(cache)
+    key = f"{model_digest(model_path)}-{settings.key()}"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        return cached
+    model, tokenizer = load_for_eval(model_path, device)
+    results = {split: evaluate_model(model, tokenizer, load_split(Path(data_dir) / f"{split}.jsonl"), settings)
+               for split in settings.splits}
+    record = {"key": key, "model": str(model_path), "settings": asdict(settings), "results": results}
+    write_json(cache, record)
+    return json.loads(cache.read_text())  # the same object a cache hit returns

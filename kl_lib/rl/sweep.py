@@ -1,0 +1,155 @@
+"""A sweep of RL runs defined in one YAML file, run in parallel worker processes, resumable.
+
+    python -m kl_lib.rl.sweep configs/sweep.yaml [--smoke] [--jobs 2] [--dry-run]
+
+The file has a ``base`` mapping of ``RLConfig`` fields shared by every run, an optional ``smoke`` mapping
+(applied on top with ``--smoke``: it may also shrink ``seeds`` / ``betas``), and ``groups``; each group has
+
+    set:    RLConfig fields for this group (e.g. async_lag, policy_loss)
+    seeds:  [0, 1, 2]
+    betas:  [0.05, 0.3]
+    kl:     list of KL settings (estimator, placement, ...); an entry with ``beta: 0`` is the no-KL
+            control and is run once per seed, not once per β
+
+Runs are named deterministically (``RLConfig.run_name``) under ``<runs_dir>/``; a run whose directory holds
+``DONE`` with the same config digest is skipped, a changed one reruns, an interrupted one resumes. A run
+that raises is reported and the sweep goes on; the exit status is non-zero if any run failed (a diverged run
+is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with its status.
+
+On CPU each worker uses one thread: for a model of a million parameters, two single-threaded runs side by side
+finish much sooner than two-threaded runs one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
+from kl_lib.runs import write_json
+
+__all__ = ["expand_sweep", "run_sweep"]
+
+_SWEEP_KEYS = {"base", "smoke", "groups"}
+_GROUP_KEYS = {"set", "seeds", "betas", "kl"}
+
+
+def expand_sweep(spec: dict[str, Any], smoke: bool = False, overrides: list[str] | None = None) -> list[RLConfig]:
+    """Every run of the sweep as a validated ``RLConfig`` (all errors before any compute)."""
+    unknown = set(spec) - _SWEEP_KEYS
+    if unknown:
+        raise ValueError(f"unknown sweep key(s) {sorted(unknown)}; valid keys are {sorted(_SWEEP_KEYS)}")
+    base = dict(spec.get("base") or {})
+    smoke_spec = dict(spec.get("smoke") or {}) if smoke else {}
+    smoke_seeds, smoke_betas = smoke_spec.pop("seeds", None), smoke_spec.pop("betas", None)
+    base.update(smoke_spec)
+    configs: list[RLConfig] = []
+    for group_name, group in (spec.get("groups") or {}).items():
+        unknown = set(group) - _GROUP_KEYS
+        if unknown:
+            raise ValueError(f"sweep group {group_name!r}: unknown key(s) {sorted(unknown)}; valid: {sorted(_GROUP_KEYS)}")
+        seeds = smoke_seeds if smoke_seeds is not None else group.get("seeds", [0])
+        betas = smoke_betas if smoke_betas is not None else group.get("betas", [0.1])
+        for kl in group.get("kl", [{}]):
+            kl = dict(kl)
+            fixed_beta = kl.pop("beta", None)
+            for beta in ([fixed_beta] if fixed_beta is not None else betas):
+                for seed in seeds:
+                    raw = {**base, **(group.get("set") or {}), "seed": seed, "kl": {**kl, "beta": beta}}
+                    try:
+                        configs.append(from_dict(apply_overrides(raw, overrides or [])))
+                    except ValueError as err:
+                        raise ValueError(f"sweep group {group_name!r}, kl={kl}, beta={beta}, seed={seed}: {err}") from None
+    names = [c.run_name() for c in configs]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"the sweep defines several runs with the same name: {sorted(duplicates)}")
+    return configs
+
+
+def _run_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("KL_SWEEP_THREADS", "1")))
+    from kl_lib.rl.train import train
+
+    cfg = from_dict(cfg_dict)
+    start = time.time()
+    try:
+        result = train(cfg, progress=False)
+        return {"name": cfg.run_name(), "status": result.status, "steps": result.steps_completed,
+                "seconds": time.time() - start}
+    except Exception as err:  # noqa: BLE001 — one broken run must not stop the sweep; it is reported
+        return {"name": cfg.run_name(), "status": "failed", "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(), "seconds": time.time() - start}
+
+
+def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True) -> list[dict[str, Any]]:
+    results = []
+    payloads = [c.to_dict() for c in configs]
+    bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
+    if jobs <= 1:
+        for payload in payloads:
+            results.append(_run_one(payload))
+            bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
+            bar.update()
+    else:
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in cf.as_completed([pool.submit(_run_one, p) for p in payloads]):
+                results.append(fut.result())
+                bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
+                bar.update()
+    bar.close()
+    return sorted(results, key=lambda r: r["name"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a sweep of RL fine-tuning runs from a YAML file.")
+    parser.add_argument("sweep", help="sweep YAML, e.g. configs/sweep.yaml")
+    parser.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides (minutes, for CI)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("KL_SWEEP_JOBS", "2")))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field in every run, e.g. --set runs_dir=runs/rl-test")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.sweep) as f:
+            spec = yaml.safe_load(f) or {}
+        configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not configs:
+        print("error: the sweep defines no runs", file=sys.stderr)
+        return 2
+    runs_dirs = sorted({c.runs_dir for c in configs})
+    print(f"{len(configs)} runs into {', '.join(runs_dirs)}")
+    if args.dry_run:
+        for c in configs:
+            print(f"  {c.run_name():40s} {c.digest()}")
+        return 0
+    results = run_sweep(configs, jobs=args.jobs)
+    for runs_dir in runs_dirs:
+        write_json(Path(runs_dir) / "sweep.json", {"sweep": args.sweep, "smoke": args.smoke, "runs": results})
+    failed = [r for r in results if r["status"] == "failed"]
+    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "diverged", "failed")}
+    print(f"sweep finished: {counts}")
+    for r in failed:
+        print(f"FAILED run {r['name']}: {r['error']}\n{r['traceback']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The sweep file, the evaluation metrics and the run tables: expansion, validation, pass@k, caching."""
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import yaml
+
+from kl_lib.config import KLConfig
+from kl_lib.evaluate import EvalSettings, evaluate_path, model_digest, pass_at_k
+from kl_lib.models import save_untrained_model
+from kl_lib.report import load_runs, load_summaries
+from kl_lib.rl.config import RLConfig
+from kl_lib.rl.sweep import expand_sweep, main as sweep_main
+from kl_lib.tasks.arithmetic import write_splits
+
+
+def test_the_shipped_sweep_expands_to_valid_distinct_runs():
+    spec = yaml.safe_load(open("configs/sweep.yaml"))
+    full, smoke = expand_sweep(spec), expand_sweep(spec, smoke=True)
+    names = [c.run_name() for c in full]
+    assert len(names) == len(set(names)) == 48
+    assert sum(c.kl.beta == 0 for c in full) == 6  # one no-KL control per seed and group, not per beta
+    assert {c.async_lag for c in full} == {0, 8}
+    assert all(c.steps == 3 and c.seed == 0 for c in smoke) and len(smoke) == 11
+
+
+def test_sweep_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown sweep key"):
+        expand_sweep({"base": {}, "grups": {}})
+    with pytest.raises(ValueError, match="group 'g'.*KLConfig.placement"):
+        expand_sweep({"groups": {"g": {"kl": [{"estimator": "k1", "placement": "advantage"}]}}})
+    with pytest.raises(ValueError, match="same name"):
+        expand_sweep({"groups": {"a": {"kl": [{}]}, "b": {"kl": [{}]}}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: {g: {kl: [{estimator: k9}]}}\n")
+    assert sweep_main([str(bad), "--dry-run"]) == 2
+
+
+def _brute_pass_at_k(n, c, k):
+    """Probability that a random k-subset of n samples (c correct) contains a correct one, by enumeration."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_brute_force(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert math.isclose(pass_at_k(n, c, k), _brute_pass_at_k(n, c, k), abs_tol=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
+    from kl_lib.rl.train import train
+
+    model = save_untrained_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    write_splits(tmp_path / "data", sizes={"sft": 10, "rl_train": 16, "id_test": 6, "ood_test": 6})
+    cfg = RLConfig(model=str(model), data_dir=str(tmp_path / "data"), steps=2, prompts_per_step=2, group_size=2,
+                   runs_dir=str(tmp_path / "runs"), name="tiny", lr=1e-3,
+                   kl=KLConfig("k1", "loss", beta=1.0))  # an untrained model earns no reward: the KL term moves it
+    result = train(cfg, progress=False)
+    settings = EvalSettings(num_samples=4, batch_size=8)
+    record = evaluate_path(result.run_dir / "final", tmp_path / "data", result.run_dir / "eval.json", settings)
+    for split in ("id_test", "ood_test"):
+        r = record["results"][split]
+        assert r["n_problems"] == 6 and len(r["correct_counts"]) == 6
+        assert 0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1
+        assert math.isclose(r["pass@1"], sum(r["correct_counts"]) / 24)
+    assert set(record["results"]["ood_test"]["by_skill"]) <= {"sub3", "add21"}
+    # cached: same key, file untouched; a changed checkpoint changes the key
+    mtime = (result.run_dir / "eval.json").stat().st_mtime_ns
+    assert evaluate_path(result.run_dir / "final", tmp_path / "data", result.run_dir / "eval.json", settings) == record
+    assert (result.run_dir / "eval.json").stat().st_mtime_ns == mtime
+    assert model_digest(result.run_dir / "final") != model_digest(model)
+    # run tables
+    df = load_runs(tmp_path / "runs")
+    assert list(df["step"]) == [0, 1] and set(df["label"]) == {"k1 in loss"}
+    summaries = load_summaries(tmp_path / "runs")
+    assert summaries.loc[0, "status"] == "done" and summaries.loc[0, "steps_completed"] == 2
+    with pytest.raises(FileNotFoundError, match="make sweep"):
+        load_runs(tmp_path / "data")

@@ -80,7 +80,7 @@ test: $(STAMP)
 DATA_STAMP := data/arithmetic/.stamp
 ifneq ($(filter 1 true True yes,$(SMOKE)),)
 BASE_MODEL := data/models/tiny-base-smoke
-SFT_ARGS := --steps 200 --eval-every 0
+SFT_ARGS := --steps 200 --probe-every 0
 SWEEP_ARGS := --smoke --set runs_dir=runs/smoke/rl --set model=$(BASE_MODEL)
 RL_RUNS := runs/smoke/rl
 else

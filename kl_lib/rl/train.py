@@ -271,7 +271,6 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
     write_json(run_dir / "config.json", config_record)
 
     device, autocast_dtype = resolve_device(cfg)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer, policy, ref, sampler = _build_models(cfg, device)
     problems = load_split(Path(cfg.data_dir) / "rl_train.jsonl")
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -299,7 +298,8 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
         for step in bar:
             t0 = time.perf_counter()
             # ---- ROLLOUT: sample from the current policy, or from the one of `async_lag` steps ago
-            snapshots.append(_trainable_state(policy))
+            if cfg.async_lag:
+                snapshots.append(_trainable_state(policy))
             rng = random.Random(_step_seed(cfg.seed, step))
             batch = [p for p in rng.sample(problems, cfg.prompts_per_step) for _ in range(cfg.group_size)]
             prompt_ids, prompt_mask = _encode_prompts(tokenizer, batch, device)

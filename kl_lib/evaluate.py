@@ -29,7 +29,8 @@ from kl_lib.models import format_prompt, load_model, load_tokenizer
 from kl_lib.runs import write_json
 from kl_lib.tasks.arithmetic import Problem, load_split, reward
 
-__all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path"]
+__all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path",
+           "load_checkpoint_model", "evaluate_run"]
 
 
 @dataclass(frozen=True)
@@ -134,16 +135,10 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
 
 def model_digest(path: str | Path) -> str:
     """Digest of a model directory's weight files (safetensors / bin), so a cache can tell checkpoints apart."""
-    h = hashlib.sha256()
     files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise FileNotFoundError(f"no weight files in {path}")
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)}" for p in files).encode()).hexdigest()[:16]
 
 
 def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Path,
@@ -160,3 +155,60 @@ def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Pat
     record = {"key": key, "model": str(model_path), "settings": asdict(settings), "results": results}
     write_json(cache, record)
     return json.loads(cache.read_text())  # the same object a cache hit returns
+
+
+def load_checkpoint_model(run_dir: str | Path, checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` of an intermediate checkpoint ``<run>/checkpoints/step_N`` (trainable weights only)."""
+    from kl_lib.rl.config import from_dict
+    from kl_lib.rl.train import _load_trainable
+
+    cfg = from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    model = load_model(cfg.model, device=device)
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=list(cfg.lora_targets), bias="none"))
+    state = torch.load(Path(checkpoint) / "state.pt", map_location=device, weights_only=False)
+    _load_trainable(model, state["trainable"])
+    if cfg.finetune == "lora":
+        model = model.merge_and_unload()
+    return model, load_tokenizer(cfg.model)
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path, settings: EvalSettings = EvalSettings(),
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate a finished run's final model and every kept intermediate checkpoint, cached in ``eval.json``.
+
+    Returns ``{"final": record, "step_000050": record, ...}``; each record is recomputed only when its weights
+    or the settings change.
+    """
+    run_dir = Path(run_dir)
+    cache_path = run_dir / "eval.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    out: dict[str, Any] = {}
+    targets = [("final", run_dir / "final")] if (run_dir / "final").exists() else []
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    if targets:
+        checkpoints = checkpoints[:-1]  # the last checkpoint holds the same weights as final/
+    targets += [(ckpt.name, ckpt) for ckpt in checkpoints]
+    for name, path in targets:
+        weights = model_digest(path) if name == "final" else _file_digest(path / "state.pt")
+        key = f"{weights}-{settings.key()}"
+        if cache.get(name, {}).get("key") == key:
+            out[name] = cache[name]
+            continue
+        model, tokenizer = load_for_eval(path, device) if name == "final" else load_checkpoint_model(run_dir, path, device)
+        results = {split: evaluate_model(model, tokenizer, load_split(Path(data_dir) / f"{split}.jsonl"), settings)
+                   for split in settings.splits}
+        out[name] = {"key": key, "model": str(path), "settings": asdict(settings), "results": results}
+    write_json(cache_path, out)
+    return json.loads(cache_path.read_text())
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

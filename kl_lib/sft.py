@@ -105,14 +105,18 @@ def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force
 
     out_dir = Path(out_dir)
     meta_path = out_dir / "sft.json"
-    if (out_dir / "DONE").exists() and not force:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("config_digest") == config.digest():
-            print(f"base model in {out_dir} is up to date (config {config.digest()})")
-            return out_dir
     data_dir = Path(config.data_dir)
     if not (data_dir / "sft.jsonl").exists():
         write_splits(data_dir, seed=config.data_seed)
+    # The model depends on the config and on the data it is trained and probed on.
+    digest = hashlib.sha256((config.digest() + "".join(
+        hashlib.sha256((data_dir / f"{name}.jsonl").read_bytes()).hexdigest() for name in ("sft", "rl_train"))
+    ).encode()).hexdigest()[:12]
+    if (out_dir / "DONE").exists() and not force:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("config_digest") == digest:
+            print(f"base model in {out_dir} is up to date (config and data {digest})")
+            return out_dir
     train = load_split(data_dir / "sft.jsonl")
     tokenizer = build_tokenizer()
     ids, attention, loss_mask = encode_sft(tokenizer, train)
@@ -170,7 +174,7 @@ def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "sft.json", {"config": dataclasses.asdict(config), "config_digest": config.digest(),
+    write_json(tmp / "sft.json", {"config": dataclasses.asdict(config), "config_digest": digest,
                                   "greedy_accuracy": accuracy, "train_time_s": train_time,
                                   "steps_trained": len(losses), "loss_every_50": losses[::50], "probe_curve": curve, "num_parameters": model.num_parameters(),
                                   "environment": environment_info()})

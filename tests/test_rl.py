@@ -13,7 +13,7 @@ from kl_lib.config import KLConfig
 from kl_lib.models import format_prompt, load_model, load_tokenizer, save_untrained_model
 from kl_lib.rl.config import RLConfig, load_config
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
-from kl_lib.rl.train import compute_advantages, train
+from kl_lib.rl.train import compute_advantages, run_identity, train
 from kl_lib.tasks.arithmetic import write_splits
 
 SIZES = {"rl_train": 64, "id_test": 16, "ood_test": 16, "sft": 32}
@@ -175,7 +175,7 @@ def test_three_step_smoke_run(tiny, finetune, placement):
     for name in ("config.json", "summary.json", "DONE"):
         assert (result.run_dir / name).exists()
     assert (result.run_dir / "final").exists()
-    assert json.loads((result.run_dir / "config.json").read_text())["digest"] == cfg.digest()
+    assert json.loads((result.run_dir / "config.json").read_text())["digest"] == run_identity(cfg)
     # a finished run with the same config is skipped; a changed one reruns
     assert train(cfg, progress=False).status == "skipped"
 
@@ -247,3 +247,17 @@ def test_missing_model_or_data_fails_before_compute(tiny, tmp_path):
         train(_cfg(tiny, data_dir=str(tmp_path / "nodata")), progress=False)
     with pytest.raises(FileNotFoundError, match="make base-model"):
         train(_cfg(tiny, model=str(tmp_path / "nomodel")), progress=False)
+
+
+def test_run_identity_follows_the_base_model_and_the_data(tiny, tmp_path):
+    """A finished run is reused only if its config, base-model weights and training prompts are unchanged."""
+    root, model_dir = tiny
+    cfg = _cfg(tiny)
+    other_model = save_untrained_model(tmp_path / "other", seed=1, hidden_size=32, num_layers=2, num_heads=2,
+                                       intermediate_size=64)
+    other_data = tmp_path / "data"
+    write_splits(other_data, seed=1, sizes=SIZES)
+    assert run_identity(cfg) == run_identity(_cfg(tiny))
+    assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, model=str(other_model)))
+    assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, data_dir=str(other_data)))
+    assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, lr=2e-3))

@@ -13,7 +13,7 @@ from kl_lib.evaluate import EvalSettings, evaluate_path, model_digest, pass_at_k
 from kl_lib.models import save_untrained_model
 from kl_lib.report import load_runs, load_summaries
 from kl_lib.rl.config import RLConfig
-from kl_lib.rl.sweep import expand_sweep, main as sweep_main
+from kl_lib.rl.sweep import eval_settings, expand_sweep, main as sweep_main
 from kl_lib.tasks.arithmetic import write_splits
 
 
@@ -21,10 +21,11 @@ def test_the_shipped_sweep_expands_to_valid_distinct_runs():
     spec = yaml.safe_load(open("configs/sweep.yaml"))
     full, smoke = expand_sweep(spec), expand_sweep(spec, smoke=True)
     names = [c.run_name() for c in full]
-    assert len(names) == len(set(names)) == 48
-    assert sum(c.kl.beta == 0 for c in full) == 6  # one no-KL control per seed and group, not per beta
-    assert {c.async_lag for c in full} == {0, 8}
-    assert all(c.steps == 3 and c.seed == 0 for c in smoke) and len(smoke) == 11
+    assert len(names) == len(set(names)) == 78
+    assert sum(c.kl.beta == 0 for c in full) == 12  # one no-KL control per seed and group, not per beta
+    assert {c.async_lag for c in full} == {0, 2, 8}
+    assert all(c.steps == 4 and c.seed == 0 for c in smoke) and len(smoke) == 21
+    assert eval_settings(spec).num_samples == 4 and eval_settings(spec, smoke=True).num_samples == 2
 
 
 def test_sweep_errors_name_the_problem(tmp_path):
@@ -71,7 +72,6 @@ def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
         assert r["n_problems"] == 6 and len(r["correct_counts"]) == 6
         assert 0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1
         assert math.isclose(r["pass@1"], sum(r["correct_counts"]) / 24)
-    assert set(record["results"]["ood_test"]["by_skill"]) <= {"sub3", "add21"}
     # cached: same key, file untouched; a changed checkpoint changes the key
     mtime = (result.run_dir / "eval.json").stat().st_mtime_ns
     assert evaluate_path(result.run_dir / "final", tmp_path / "data", result.run_dir / "eval.json", settings) == record

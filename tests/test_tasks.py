@@ -24,7 +24,7 @@ def test_splits_are_deterministic_disjoint_and_correct(tmp_path):
     assert not prompts["id_test"] & (prompts["rl_train"] | prompts["sft"])
     assert not prompts["ood_test"] & (prompts["rl_train"] | prompts["sft"])
     assert {p.skill for p in splits["rl_train"]} == {p.skill for p in splits["id_test"]} == {"add3"}
-    assert {p.skill for p in splits["ood_test"]} == {"sub3", "add21"}
+    assert {p.skill for p in splits["ood_test"]} == {"sub3"}
     for problem in (p for ps in splits.values() for p in ps):
         assert eval(problem.prompt.rstrip("=")) == int(problem.answer)  # the reference answer is right
     assert write_splits(tmp_path / "c", seed=4, sizes=SIZES)["id_test"].read_bytes() != a["id_test"].read_bytes()
@@ -68,4 +68,4 @@ def test_tokenizer_round_trip_and_chat_template():
     ids = tok(text + "579" + tok.eos_token, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == "123+456=579"
     assert len(ids) == 1 + 1 + 8 + 1 + 3 + 1  # one token per character
-    assert set(SKILLS) == {"add2", "sub2", "add3", "sub3", "add21"}
+    assert set(SKILLS) == {"add2", "sub2", "add3", "sub3"}

@@ -188,8 +188,15 @@ _KL_FIELDS = {f.name for f in fields(KLConfig)}
 
 
 def _coerce(value: str) -> Any:
-    """``--set`` values are YAML scalars: ``0.1`` → float, ``true`` → bool, ``k3`` → str."""
-    return yaml.safe_load(value)
+    """``--set`` values are YAML scalars: ``0.1`` → float, ``true`` → bool, ``k3`` → str; also ``3e-5`` → float
+    (YAML 1.1, which PyYAML follows, reads exponents without a dot as strings)."""
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            pass
+    return parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
     python -m kl_lib.rl.sweep configs/sweep.yaml [--smoke] [--jobs 2] [--dry-run]
 
-The file has a ``base`` mapping of ``RLConfig`` fields shared by every run, an optional ``smoke`` mapping
-(applied on top with ``--smoke``: it may also shrink ``seeds`` / ``betas``), and ``groups``; each group has
+The file has a ``base`` mapping of ``RLConfig`` fields shared by every run, an ``eval`` mapping of
+``kl_lib.evaluate.EvalSettings`` (every finished run's final model and kept checkpoints, and the base model,
+are evaluated with them; results cached in ``<run>/eval.json`` and ``<runs_dir>/base_eval.json``), an optional
+``smoke`` mapping (applied on top with ``--smoke``: it may also shrink ``seeds`` / ``betas`` and hold its own
+``eval``), and ``groups``; each group has
 
     set:    RLConfig fields for this group (e.g. async_lag, policy_loss)
     seeds:  [0, 1, 2]
@@ -37,12 +40,13 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from kl_lib.evaluate import EvalSettings, evaluate_path
 from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
 from kl_lib.runs import write_json
 
-__all__ = ["expand_sweep", "run_sweep"]
+__all__ = ["expand_sweep", "eval_settings", "run_sweep"]
 
-_SWEEP_KEYS = {"base", "smoke", "groups"}
+_SWEEP_KEYS = {"base", "smoke", "groups", "eval"}
 _GROUP_KEYS = {"set", "seeds", "betas", "kl"}
 
 
@@ -54,6 +58,7 @@ def expand_sweep(spec: dict[str, Any], smoke: bool = False, overrides: list[str]
     base = dict(spec.get("base") or {})
     smoke_spec = dict(spec.get("smoke") or {}) if smoke else {}
     smoke_seeds, smoke_betas = smoke_spec.pop("seeds", None), smoke_spec.pop("betas", None)
+    smoke_spec.pop("eval", None)
     base.update(smoke_spec)
     configs: list[RLConfig] = []
     for group_name, group in (spec.get("groups") or {}).items():
@@ -79,16 +84,32 @@ def expand_sweep(spec: dict[str, Any], smoke: bool = False, overrides: list[str]
     return configs
 
 
-def _run_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def eval_settings(spec: dict[str, Any], smoke: bool = False) -> EvalSettings:
+    """The sweep's evaluation settings: its ``eval`` mapping, with ``smoke.eval`` on top in smoke mode."""
+    raw = dict(spec.get("eval") or {})
+    if smoke:
+        raw.update((spec.get("smoke") or {}).get("eval") or {})
+    valid = {f.name for f in dataclasses.fields(EvalSettings)}
+    if set(raw) - valid:
+        raise ValueError(f"unknown eval key(s) {sorted(set(raw) - valid)}; valid keys are {sorted(valid)}")
+    if "splits" in raw:
+        raw["splits"] = tuple(raw["splits"])
+    return EvalSettings(**raw)
+
+
+def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(int(os.environ.get("KL_SWEEP_THREADS", "1")))
+    from kl_lib.evaluate import evaluate_run
     from kl_lib.rl.train import train
 
     cfg = from_dict(cfg_dict)
     start = time.time()
     try:
         result = train(cfg, progress=False)
+        if settings is not None and result.status in ("done", "skipped"):
+            evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**settings))
         return {"name": cfg.run_name(), "status": result.status, "steps": result.steps_completed,
                 "seconds": time.time() - start}
     except Exception as err:  # noqa: BLE001 — one broken run must not stop the sweep; it is reported
@@ -96,18 +117,21 @@ def _run_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                 "traceback": traceback.format_exc(), "seconds": time.time() - start}
 
 
-def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True) -> list[dict[str, Any]]:
+def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True,
+              settings: EvalSettings | None = None) -> list[dict[str, Any]]:
+    """Train (and, with ``settings``, evaluate) every run; returns one status record per run."""
     results = []
+    evaluation = None if settings is None else dataclasses.asdict(settings)
     payloads = [c.to_dict() for c in configs]
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
     if jobs <= 1:
         for payload in payloads:
-            results.append(_run_one(payload))
+            results.append(_run_one(payload, evaluation))
             bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
             bar.update()
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(_run_one, p) for p in payloads]):
+            for fut in cf.as_completed([pool.submit(_run_one, p, evaluation) for p in payloads]):
                 results.append(fut.result())
                 bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
                 bar.update()
@@ -128,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.sweep) as f:
             spec = yaml.safe_load(f) or {}
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
+        settings = eval_settings(spec, smoke=args.smoke)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -140,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in configs:
             print(f"  {c.run_name():40s} {c.digest()}")
         return 0
-    results = run_sweep(configs, jobs=args.jobs)
+    for model in sorted({c.model for c in configs}):  # the base model, evaluated like the runs
+        for runs_dir in runs_dirs:
+            evaluate_path(model, configs[0].data_dir, Path(runs_dir) / "base_eval.json", settings)
+    results = run_sweep(configs, jobs=args.jobs, settings=settings)
     for runs_dir in runs_dirs:
         write_json(Path(runs_dir) / "sweep.json", {"sweep": args.sweep, "smoke": args.smoke, "runs": results})
     failed = [r for r in results if r["status"] == "failed"]

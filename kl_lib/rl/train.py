@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -134,6 +135,23 @@ def _check_inputs(cfg: RLConfig) -> None:
         raise FileNotFoundError(f"model directory {model} is missing; build it with `make base-model`")
 
 
+def run_identity(cfg: RLConfig) -> str:
+    """What a run's results depend on: its config digest, the base model's weights and the training prompts.
+
+    A finished run is skipped only when this is unchanged, so retraining the base model or regenerating the
+    data reruns the sweep rather than silently keeping stale results.
+    """
+    parts = [cfg.digest()]
+    model = Path(cfg.model)
+    if model.is_dir():
+        weights = sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin"))
+        parts += [hashlib.sha256(p.read_bytes()).hexdigest() for p in weights]
+    else:
+        parts.append(cfg.model)  # a hub name
+    parts.append(hashlib.sha256((Path(cfg.data_dir) / "rl_train.jsonl").read_bytes()).hexdigest())
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:12]
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -188,18 +206,19 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def _save_checkpoint(run_dir: Path, step: int, policy, optimizer, snapshots: deque, cfg: RLConfig) -> None:
+def _save_checkpoint(run_dir: Path, step: int, policy, optimizer, snapshots: deque, identity: str,
+                     keep: int) -> None:
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"step": step, "digest": cfg.digest(), "trainable": _trainable_state(policy),
+    torch.save({"step": step, "digest": identity, "trainable": _trainable_state(policy),
                 "optimizer": optimizer.state_dict(), "snapshots": list(snapshots)}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     old = sorted(p for p in ckpt_root.glob("step_*") if p != final)
-    for p in old[: max(0, len(old) - cfg.keep_checkpoints)]:
+    for p in old[: max(0, len(old) - keep)]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -256,16 +275,17 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
     """
     _check_inputs(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run_name()
-    config_record = {"config": cfg.to_dict(), "digest": cfg.digest(), "environment": environment_info()}
+    identity = run_identity(cfg)
+    config_record = {"config": cfg.to_dict(), "digest": identity, "environment": environment_info()}
     if (run_dir / "DONE").exists():
         previous = json.loads((run_dir / "config.json").read_text())
-        if previous.get("digest") == cfg.digest():
+        if previous.get("digest") == identity:
             summary = json.loads((run_dir / "summary.json").read_text())
             return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
         shutil.rmtree(run_dir)  # same name, changed config: start over
     if (run_dir / "config.json").exists():
         previous = json.loads((run_dir / "config.json").read_text())
-        if previous.get("digest") != cfg.digest():
+        if previous.get("digest") != identity:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config_record)
@@ -281,7 +301,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        if state["digest"] == cfg.digest():
+        if state["digest"] == identity:
             _load_trainable(policy, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             snapshots.extend(state["snapshots"])
@@ -407,7 +427,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             steps_this_call += 1
             done_steps = step + 1
             if done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
-                _save_checkpoint(run_dir, done_steps, policy, optimizer, snapshots, cfg)
+                _save_checkpoint(run_dir, done_steps, policy, optimizer, snapshots, identity, cfg.keep_checkpoints)
             if stop_after is not None and steps_this_call >= stop_after and done_steps < cfg.steps:
                 bar.close()
                 return RunResult(run_dir, "interrupted", done_steps, {})
@@ -422,7 +442,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
     summary = _summarise(history, status, {"diverged_reason": reason, "run_name": cfg.run_name(),
-                                           "digest": cfg.digest(), "final_model": str(final_dir) if status == "done" else None})
+                                           "digest": identity, "final_model": str(final_dir) if status == "done" else None})
     write_json(run_dir / "summary.json", summary)
     (run_dir / "DONE").write_text(status + "\n")
     return RunResult(run_dir, status, len(history), summary)

@@ -4,13 +4,14 @@ Every problem is ``"<a><op><b>="`` with an integer answer, generated determinist
 
     add2  a + b,   0 ≤ a, b ≤ 99            sub2  a − b,   0 ≤ b ≤ a ≤ 99
     add3  a + b,   100 ≤ a, b ≤ 999         sub3  a − b,   100 ≤ b ≤ a ≤ 999
-    add21 a + b,   10 ≤ a ≤ 99, 100 ≤ b ≤ 999   (mixed widths)
 
 Splits (see ``SPLITS``): the base model is fine-tuned on ``sft`` (mostly the 2-digit skills, a little of the
 3-digit ones, so it *partly* knows them); RL trains on ``rl_train`` (``add3``, the in-domain task);
-``id_test`` holds out ``add3`` problems never seen in ``sft`` or ``rl_train``; ``ood_test`` holds ``sub3`` and
-``add21``, skills that RL on ``add3`` does not train but that share its digits and carries, so that RL can
-help or hurt them: the out-of-domain generalisation a KL term is supposed to protect.
+``id_test`` holds out ``add3`` problems never seen in ``sft`` or ``rl_train``; ``ood_test`` holds ``sub3``, a
+skill the base model partly knows (it saw a little of it in ``sft``) and that RL on ``add3`` does not train but
+that shares its format and digit-by-digit structure, so that RL can help or hurt it: the out-of-domain
+generalisation a KL term is supposed to protect. (A mixed-width addition skill was tried as a second
+out-of-domain skill and dropped: the base model scored 0 on it, leaving nothing for a KL term to protect.)
 
 Reward (:func:`reward`): 1 if the response, up to the end-of-sequence marker, is exactly the answer's digits
 (surrounding spaces allowed), else 0. Malformed, empty or truncated responses (no end marker) score 0; the
@@ -61,7 +62,6 @@ SKILLS = {
     "sub2": lambda rng: _sub(rng, 0, 99),
     "add3": lambda rng: _add(rng, 100, 999, 100, 999),
     "sub3": lambda rng: _sub(rng, 100, 999),
-    "add21": lambda rng: _add(rng, 10, 99, 100, 999),
 }
 
 # split name -> (size, {skill: weight}); sizes are the defaults of write_splits.
@@ -69,7 +69,7 @@ SPLITS: dict[str, tuple[int, dict[str, float]]] = {
     "sft": (40_000, {"add2": 0.48, "sub2": 0.48, "add3": 0.02, "sub3": 0.02}),
     "rl_train": (5_000, {"add3": 1.0}),
     "id_test": (300, {"add3": 1.0}),
-    "ood_test": (300, {"sub3": 0.5, "add21": 0.5}),
+    "ood_test": (300, {"sub3": 1.0}),
 }
 
 

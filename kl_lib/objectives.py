@@ -99,14 +99,18 @@ def estimate(
     return torch.where(m, k, torch.zeros_like(k)), clip_fraction
 
 
+def _check_behavior(logp: Tensor, behavior_logp: Tensor | None) -> None:
+    if behavior_logp is not None and behavior_logp.shape != logp.shape:
+        raise ValueError(
+            f"behavior_logp has shape {tuple(behavior_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)"
+        )
+
+
 def importance_log_weights(logp: Tensor, behavior_logp: Tensor | None) -> Tensor:
     """log ω_t = logp_t − behavior_logp_t, differentiable through logp; on-policy (None) it is 0 in value."""
     if behavior_logp is None:
         return logp - logp.detach()
-    if behavior_logp.shape != logp.shape:
-        raise ValueError(
-            f"behavior_logp has shape {tuple(behavior_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)"
-        )
+    _check_behavior(logp, behavior_logp)
     return logp - behavior_logp.detach()
 
 
@@ -226,10 +230,7 @@ def kl_term(
         raise ValueError(f"aggregation={aggregation!r} is not valid; choose one of {', '.join(map(repr, AGGREGATIONS))}")
     if ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)")
-    if behavior_logp is not None and behavior_logp.shape != logp.shape:
-        raise ValueError(
-            f"behavior_logp has shape {tuple(behavior_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)"
-        )
+    _check_behavior(logp, behavior_logp)
     m = _mask_like(logp, mask)
     w = _sample_weights(weights, logp)
     k, clip_fraction = estimate(config, logp, ref_logp, m, logprobs, ref_logprobs)

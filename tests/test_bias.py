@@ -14,13 +14,7 @@ from kl_lib.config import KLConfig
 UNBIASED = {"k1 in reward", "k1 in reward (reward-to-go)", "k3 in reward+loss", "analytic in reward+loss"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Toy-sized tensors: intra-op threads only add overhead.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind,vocab_size,length", [("tabular", 2, 4), ("markov", 3, 5)])

@@ -14,13 +14,7 @@ from kl_lib.config import KLConfig
 from kl_lib.toy import TabularPolicy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here have a few dozen entries: intra-op threads only add overhead (10-100x on a busy 2-core box).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(vocab_size: int = 2, length: int = 3, beta: float = 0.7, seed: int = 0) -> toy_rl.ToyRLProblem:

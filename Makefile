@@ -148,4 +148,5 @@ distclean: clean
 # Notebooks that read what the RL targets produce (full runs; smoke notebooks build their own tiny models).
 ifeq ($(filter 1 true True yes,$(SMOKE)),)
 $(NB_OUT)/03_rl_finetuning.ipynb: $(BASE_MODEL)/DONE
+$(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(SWEEP_STAMP)
 endif

@@ -1,9 +1,7 @@
 """The sweep file, the evaluation metrics and the run tables: expansion, validation, pass@k, caching."""
 
 import itertools
-import json
 import math
-import random
 
 import pytest
 import yaml

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import sys

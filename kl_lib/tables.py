@@ -1,0 +1,221 @@
+"""A directory of RL runs as tables: the input of ``kl_lib.findings``, notebooks 04–05 and the report.
+
+A sweep (``kl_lib.rl.sweep``) leaves, under ``<runs_dir>/``, one directory per run (``config.json``,
+``metrics.jsonl``, ``summary.json``, ``DONE``, ``eval.json``) and the base model's ``base_eval.json``.
+:func:`load_tables` reads all of it into a :class:`RunTables`:
+
+* ``results``: one row per finished run: configuration (``setting``, ``label``, ``beta``, ``seed``,
+  ``async_lag``, ...), how it ended (``status``, ``diverged``, ``reward_collapse`` from ``summary.json``),
+  ``final_kl`` (``kl/analytic`` of the last step), ``final_entropy``, and greedy / pass@1 accuracy of the
+  final model on ``id_test`` and ``ood_test`` (NaN when the run has no final model);
+* ``metrics``: every step of every run (``kl_lib.report.load_runs``);
+* ``scores[split][run]``: per-problem pass@1 of the final model, ``correct_counts / num_samples``: what the
+  bootstrap resamples;
+* ``base``: the same for the base model (``base_scores``, ``base_accuracy``);
+* ``checkpoints``: pass@1 and greedy accuracy of every evaluated model of every run (intermediate
+  checkpoints ``step_*`` and ``final``), long format.
+
+**Settings.** ``setting`` names the training recipe a run belongs to: ``"on-policy"`` (REINFORCE with RLOO,
+``async_lag = 0``: the paper's main study), ``"PPO lag k"`` (PPO-clip with rollouts ``k`` steps old: the
+off-policy study; ``k = 0`` is the same recipe on-policy). Configurations are compared within a setting.
+
+**Diverged runs.** A run that diverged has no final model. Its per-problem scores are recorded as 0 (it
+delivered nothing usable, as a collapsed run in the paper reports Pass@1 ≈ 0) and flagged in
+``results.scored_as_zero``; the accuracy columns of ``results`` stay NaN so that the table does not pretend it
+was evaluated. A finished run without ``eval.json`` is left out of the scores (``evaluated = False``).
+
+:func:`ensure_smoke_sweep` builds the smoke sweep exactly as ``make base-model sweep SMOKE=1`` does, so that the
+notebooks run on a fresh clone in smoke mode; every step reuses outputs that are already there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kl_lib.report import load_runs, run_label
+
+__all__ = ["SPLITS", "RunTables", "setting_name", "results_table", "load_scores", "checkpoint_table",
+           "load_tables", "ensure_smoke_sweep"]
+
+SPLITS = ("id_test", "ood_test")
+"""The evaluation splits: in-domain (the RL task, held out) and out-of-domain."""
+
+
+def setting_name(policy_loss: str, async_lag: int) -> str:
+    """``"on-policy"`` for REINFORCE without lag, else ``"PPO lag k"`` (``"<loss> lag k"`` in general)."""
+    if policy_loss == "reinforce" and async_lag == 0:
+        return "on-policy"
+    return f"{'PPO' if policy_loss == 'ppo' else policy_loss} lag {async_lag}"
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _finished_runs(runs_dir: Path) -> list[Path]:
+    return sorted(d for d in runs_dir.iterdir()
+                  if d.is_dir() and (d / "DONE").exists() and (d / "summary.json").exists()
+                  and (d / "config.json").exists())
+
+
+def results_table(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per finished run under ``runs_dir`` (see the module docstring for the columns)."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    for d in _finished_runs(runs_dir):
+        cfg = json.loads((d / "config.json").read_text())["config"]
+        summary = json.loads((d / "summary.json").read_text())
+        ev = _read_json(d / "eval.json") or {}
+        final = ev.get("final")
+        diverged = summary["status"] == "diverged"
+        row = {
+            "run": d.name, "setting": setting_name(cfg["policy_loss"], cfg["async_lag"]), "label": run_label(cfg),
+            "beta": cfg["kl"]["beta"], "seed": cfg["seed"], "async_lag": cfg["async_lag"],
+            "policy_loss": cfg["policy_loss"], "advantage": cfg["advantage"], "steps": cfg["steps"],
+            "status": summary["status"], "steps_completed": summary.get("steps_completed"),
+            "diverged": diverged, "reward_collapse": bool(summary.get("reward_collapse", False)),
+            "reward_final": summary.get("reward/final"), "reward_peak": summary.get("reward/peak"),
+            "final_kl": summary.get("kl/final_analytic"), "final_entropy": summary.get("policy/final_entropy"),
+            "evaluated": final is not None, "scored_as_zero": diverged and final is None,
+            "num_samples": final["settings"]["num_samples"] if final else None,
+        }
+        for split in SPLITS:
+            res = final["results"].get(split) if final else None
+            for metric in ("pass@1", "greedy"):
+                row[f"{split} {metric}"] = res[metric] if res else np.nan
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {runs_dir}; run the sweep first (make sweep)")
+    return pd.DataFrame(rows)
+
+
+def _per_problem(record: dict, split: str) -> np.ndarray:
+    """pass@1 of each problem: correct samples / samples (float64, one entry per problem)."""
+    res = record["results"][split]
+    return np.asarray(res["correct_counts"], dtype=float) / record["settings"]["num_samples"]
+
+
+def load_scores(runs_dir: str | Path, results: pd.DataFrame) -> tuple[dict[str, dict[str, np.ndarray]],
+                                                                        dict[str, np.ndarray]]:
+    """``(scores, base)``: ``scores[split][run]`` per-problem pass@1 of each run's final model (zeros for a
+    diverged run, see the module docstring) and ``base[split]`` the base model's, from ``base_eval.json``."""
+    runs_dir = Path(runs_dir)
+    base_record = _read_json(runs_dir / "base_eval.json")
+    if base_record is None:
+        raise FileNotFoundError(f"{runs_dir / 'base_eval.json'} is missing; the sweep writes it (make sweep)")
+    base = {split: _per_problem(base_record, split) for split in SPLITS}
+    scores: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
+    for row in results.itertuples():
+        if row.evaluated:
+            final = json.loads((runs_dir / row.run / "eval.json").read_text())["final"]
+            for split in SPLITS:
+                scores[split][row.run] = _per_problem(final, split)
+        elif row.scored_as_zero:
+            for split in SPLITS:
+                scores[split][row.run] = np.zeros_like(base[split])
+    return scores, base
+
+
+def checkpoint_table(runs_dir: str | Path, results: pd.DataFrame) -> pd.DataFrame:
+    """Every evaluated model of every run, long: ``run``, ``checkpoint`` (``step_000050``/``final``),
+    ``step`` (training steps behind it), ``split``, ``pass@1``, ``greedy`` plus the configuration columns;
+    the base model appears once per run as step 0 so that a line per run can start from it."""
+    runs_dir = Path(runs_dir)
+    base_record = _read_json(runs_dir / "base_eval.json")
+    config_cols = ["run", "setting", "label", "beta", "seed", "async_lag"]
+    rows = []
+    for row in results.itertuples():
+        ev = _read_json(runs_dir / row.run / "eval.json") or {}
+        entries = dict(ev)
+        if base_record is not None:
+            entries["base"] = base_record
+        for name, record in entries.items():
+            step = 0 if name == "base" else row.steps if name == "final" else int(name.split("_")[1])
+            for split in SPLITS:
+                res = record["results"][split]
+                rows.append({**{c: getattr(row, c) for c in config_cols}, "checkpoint": name, "step": step,
+                             "split": split, "pass@1": res["pass@1"], "greedy": res["greedy"]})
+    columns = config_cols + ["checkpoint", "step", "split", "pass@1", "greedy"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["run", "split", "step"], ignore_index=True)
+
+
+@dataclass
+class RunTables:
+    """Everything the analysis reads from a runs directory (see the module docstring)."""
+
+    results: pd.DataFrame
+    metrics: pd.DataFrame
+    scores: dict[str, dict[str, np.ndarray]]
+    base_scores: dict[str, np.ndarray]
+    checkpoints: pd.DataFrame = field(default_factory=pd.DataFrame)
+    runs_dir: str = ""
+
+    def base_accuracy(self, split: str) -> float:
+        return float(self.base_scores[split].mean())
+
+
+def load_tables(runs_dir: str | Path) -> RunTables:
+    """Read a runs directory (finished runs only) into a :class:`RunTables`."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"{runs_dir} does not exist; run the sweep first (make sweep)")
+    results = results_table(runs_dir)
+    metrics = load_runs(runs_dir, list(results["run"]))
+    metrics = metrics.merge(results[["run", "setting"]], on="run", how="left")
+    scores, base = load_scores(runs_dir, results)
+    return RunTables(results=results, metrics=metrics, scores=scores, base_scores=base,
+                     checkpoints=checkpoint_table(runs_dir, results), runs_dir=str(runs_dir))
+
+
+def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path = "configs/sweep.yaml",
+                       model_dir: str | Path = "data/models/tiny-base-smoke", data_dir: str | Path = "data/arithmetic",
+                       jobs: int = 2) -> Path:
+    """Build what ``make base-model sweep SMOKE=1`` builds (task data, the 200-step SFT model, the smoke
+    sweep with its evaluations and ``base_eval.json``), reusing everything already there; returns ``runs_dir``.
+
+    Only runs that are not finished (or finished but not evaluated) are handed to the sweep runner, so a
+    complete smoke sweep costs a directory listing.
+    """
+    import yaml
+
+    from kl_lib.evaluate import evaluate_path
+    from kl_lib.rl.sweep import eval_settings, expand_sweep, run_sweep
+    from kl_lib.runs import write_json
+    from kl_lib.sft import SFTConfig, train_base_model
+    from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS, write_splits
+
+    runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)
+    spec = yaml.safe_load(Path(sweep).read_text())
+    overrides = [f"runs_dir={runs_dir}", f"model={model_dir}", f"data_dir={data_dir}"]
+    configs = expand_sweep(spec, smoke=True, overrides=overrides)
+    settings = eval_settings(spec, smoke=True)
+
+    def complete(cfg) -> bool:
+        d = runs_dir / cfg.run_name()
+        if not (d / "DONE").exists():
+            return False
+        status = (d / "DONE").read_text().strip()
+        return status == "diverged" or "final" in (_read_json(d / "eval.json") or {})
+
+    todo = [c for c in configs if not complete(c)]
+    if not todo and (runs_dir / "base_eval.json").exists():
+        return runs_dir
+    if not all((data_dir / f"{s}.jsonl").exists() for s in DATA_SPLITS):
+        write_splits(data_dir)  # `make data`
+    train_base_model(model_dir, SFTConfig(data_dir=str(data_dir), steps=200, probe_every=0))  # reused if current
+    evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
+    # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
+    results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"smoke sweep: {len(failed)} run(s) failed, first: {failed[0]['name']}: {failed[0]['error']}")
+    done = {r["name"] for r in results}
+    records = results + [{"name": c.run_name(), "status": "skipped"} for c in configs if c.run_name() not in done]
+    write_json(runs_dir / "sweep.json", {"sweep": str(sweep), "smoke": True,
+                                         "runs": sorted(records, key=lambda r: r["name"])})
+    return runs_dir

@@ -1,0 +1,255 @@
+"""The findings' definitions and verdict rules on synthetic run tables: every verdict branch of F1–F3 is
+reachable and gives the verdict the rule in kl_lib.findings says it should."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kl_lib import findings as fnd
+from kl_lib.tables import RunTables
+
+P = 60  # problems per split
+STEPS = 40  # steps per synthetic run (window W = 4)
+ON_LABELS = [("k1 in reward", 0.1), ("k1 in reward", 0.5), ("k1 in loss", 0.1), ("k1 in loss", 0.5),
+             ("k3 in reward", 0.1), ("k3 in reward", 0.5), ("k3 in loss", 0.1), ("k3 in loss", 0.5),
+             ("k3 in reward+loss", 0.1), ("k3 in reward+loss", 0.5), ("no KL", 0.0)]
+OFF_LABELS = [("no KL", 0.0), ("k1 in reward", 0.1), ("k3 in loss", 0.1), ("k1 in loss", 0.1),
+              ("k3 in loss (token IS)", 0.1)]
+
+
+def steady(level=0.5):
+    return np.full(STEPS, level)
+
+
+def collapsing(level=0.5):
+    r = np.full(STEPS, level)
+    r[STEPS // 2:] = 0.05  # sustained: far below half of the running peak
+    return r
+
+
+def run_spec(label, beta, seed, setting="on-policy", lag=0, reward=None, kl=0.1, acc=(0.5, 0.3), diverged=False):
+    return dict(label=label, beta=beta, seed=seed, setting=setting, async_lag=lag,
+                policy_loss="reinforce" if setting == "on-policy" else "ppo",
+                reward=steady() if reward is None else reward, kl=kl, acc=acc, diverged=diverged)
+
+
+def make_tables(specs, seed=0):
+    """A RunTables from run specs: metrics from the reward curve and a constant KL, per-problem scores drawn
+    around each split's target accuracy (one draw per run)."""
+    rng = np.random.default_rng(seed)
+    results, metrics = [], []
+    scores = {"id_test": {}, "ood_test": {}}
+    difficulty = {s: rng.uniform(-0.2, 0.2, P) for s in scores}
+    for i, s in enumerate(specs):
+        run = f"run{i}"
+        n = STEPS if not s["diverged"] else STEPS // 2
+        results.append({"run": run, "setting": s["setting"], "label": s["label"], "beta": s["beta"],
+                        "seed": s["seed"], "async_lag": s["async_lag"], "policy_loss": s["policy_loss"],
+                        "steps": STEPS, "status": "diverged" if s["diverged"] else "done", "diverged": s["diverged"],
+                        "evaluated": not s["diverged"], "scored_as_zero": s["diverged"]})
+        kl = np.broadcast_to(np.asarray(s["kl"], float), (STEPS,))
+        for t in range(n):
+            metrics.append({"run": run, "step": t, "reward/mean": s["reward"][t], "kl/analytic": kl[t],
+                            "kl/forward_myopic": kl[t] * 1.5, "policy/entropy": 0.3, "label": s["label"],
+                            "beta": s["beta"], "seed": s["seed"], "setting": s["setting"]})
+        for split, target in zip(scores, s["acc"]):
+            p = np.clip(target + difficulty[split] + rng.normal(0, 0.05, P), 0, 1)
+            scores[split][run] = np.zeros(P) if s["diverged"] else np.round(p * 4) / 4  # 4 samples per problem
+    base = {split: np.clip(0.4 + difficulty[split], 0, 1) for split in scores}
+    return RunTables(results=pd.DataFrame(results), metrics=pd.DataFrame(metrics), scores=scores, base_scores=base)
+
+
+def on_policy(unstable=(), acc=None, seeds=(0, 1, 2)):
+    """The on-policy grid; labels in ``unstable`` collapse; ``acc`` maps label → (ID, OOD) accuracy."""
+    acc = acc or {}
+    return [run_spec(label, beta, seed, reward=collapsing() if label in unstable else None,
+                     acc=acc.get(label, (0.5, 0.3)))
+            for label, beta in ON_LABELS for seed in seeds]
+
+
+def off_policy(unstable=(), acc=None, lags=(0, 2, 8), seeds=(0, 1, 2)):
+    acc = acc or {}
+    return [run_spec(label, beta, seed, setting=f"PPO lag {lag}", lag=lag,
+                     reward=collapsing() if (label in unstable and lag > 0) else None, acc=acc.get(label, (0.5, 0.3)))
+            for lag in lags for label, beta in OFF_LABELS for seed in seeds]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Definitions
+
+
+def test_smoothing_window():
+    assert fnd.smoothing_window(100) == 10 and fnd.smoothing_window(4) == 2 and fnd.smoothing_window(1) == 2
+
+
+def test_outcomes_ignore_a_single_noisy_step_but_catch_a_sustained_collapse():
+    dip = steady(0.6)
+    dip[25] = 0.0  # one bad batch: the 4-step mean only falls to 0.45 > 0.3
+    low = steady(0.02)  # never earned reward: below the floor, so no "collapse" from noise
+    low[10:] = 0.0
+    specs = [run_spec("k1 in reward", 0.1, 0, reward=dip), run_spec("k1 in reward", 0.1, 1, reward=collapsing()),
+             run_spec("k1 in reward", 0.1, 2, reward=low), run_spec("k3 in loss", 0.1, 0, diverged=True)]
+    out = fnd.run_outcomes(make_tables(specs)).set_index("seed")
+    k1 = out[out["label"] == "k1 in reward"]
+    assert not k1.loc[0, "collapsed"] and k1.loc[1, "collapsed"] and not k1.loc[2, "collapsed"]
+    # the first step whose 4-step mean is below half the running peak (0.25): 0.5,0.05,0.05,0.05 → 0.1625
+    # (one step earlier, 0.5,0.5,0.05,0.05 → 0.275, is not yet)
+    assert k1.loc[1, "collapse_step"] == STEPS // 2 + 2
+    div = out[out["label"] == "k3 in loss"].iloc[0]
+    assert div["diverged"] and div["unstable"] and div["final_reward"] == 0.0
+    inst = fnd.instability_table(fnd.run_outcomes(make_tables(specs)))
+    assert sorted(inst["seed"]) == [0, 1] and set(inst["label"]) == {"k1 in reward", "k3 in loss"}
+
+
+def test_kl_blowup_is_relative_to_the_no_kl_runs_of_the_same_setting():
+    nan_kl = np.full(STEPS, 0.1)
+    nan_kl[5] = np.nan
+    specs = [run_spec("no KL", 0.0, 0, kl=0.4), run_spec("no KL", 0.0, 1, kl=0.6),
+             run_spec("k3 in reward", 0.1, 0, kl=1.1),  # < 2 × 0.6: not a blow-up
+             run_spec("k3 in reward", 0.1, 1, kl=1.3),  # > 2 × 0.6 and > 1 nat
+             run_spec("k3 in loss", 0.1, 0, setting="PPO lag 0", kl=0.5),  # > 2 × 0.2 but below the 1-nat floor
+             run_spec("no KL", 0.0, 0, setting="PPO lag 0", kl=0.2),
+             run_spec("k1 in loss", 0.1, 0, kl=nan_kl),  # non-finite at some step
+             run_spec("k3 in reward", 0.1, 0, setting="PPO lag 2", lag=2, kl=5.0)]  # no no-KL run in that setting
+    out = fnd.run_outcomes(make_tables(specs))
+    blow = dict(zip(zip(out["setting"], out["label"], out["seed"]), out["kl_blowup"]))
+    assert not blow[("on-policy", "k3 in reward", 0)]
+    assert blow[("on-policy", "k3 in reward", 1)] and blow[("on-policy", "k1 in loss", 0)]
+    assert not blow[("on-policy", "no KL", 0)] and not blow[("PPO lag 2", "k3 in reward", 0)]
+    assert not blow[("PPO lag 0", "k3 in loss", 0)]
+    assert not out["unstable"].any() and out["unstable_incl_blowup"].sum() == 2
+
+
+def test_rate_comparison_branches():
+    assert fnd.rate_comparison(6, 6, 0, 6)["verdict"] == "supported"
+    assert fnd.rate_comparison(0, 6, 6, 6)["verdict"] == "not supported"
+    assert fnd.rate_comparison(1, 6, 1, 6)["verdict"] == "inconclusive at this scale"
+    assert fnd.rate_comparison(0, 0, 3, 6)["verdict"] == "inconclusive at this scale"
+
+
+def test_bootstrap_difference_covers_the_true_difference():
+    rng = np.random.default_rng(0)
+    d, lo, hi = fnd.bootstrap_difference(np.full(5, 1.0) + rng.normal(0, 0.1, 5), np.zeros(4), rng, 2000)
+    assert lo < d < hi and 0.8 < d < 1.2 and lo > 0
+    assert all(math.isnan(x) for x in fnd.bootstrap_difference([], [1.0], rng))
+
+
+def test_accuracy_table_means_cis_and_difference_to_base():
+    specs = on_policy(acc={"k1 in reward": (0.8, 0.6)})
+    specs[0]["diverged"] = True  # a k1 in reward run (β = 0.1, seed 0) is scored 0
+    tables = make_tables(specs)
+    acc = fnd.accuracy_table(tables, np.random.default_rng(0), n_boot=400).set_index(["label", "beta"])
+    assert len(acc) == len(ON_LABELS) and acc.loc[("k1 in reward", 0.1), "n_diverged"] == 1
+    runs = tables.results.query("label == 'k1 in reward' and beta == 0.1")["run"]
+    expected = np.mean([tables.scores["id_test"][r].mean() for r in runs])
+    row = acc.loc[("k1 in reward", 0.5)]
+    assert math.isclose(acc.loc[("k1 in reward", 0.1), "ID pass@1"], expected)
+    assert row["ID low"] <= row["ID pass@1"] <= row["ID high"]
+    assert math.isclose(row["ID Δbase"], row["ID pass@1"] - tables.base_accuracy("id_test"))
+    assert row["ID Δbase low"] > 0 and row["OOD Δbase low"] > 0  # 0.8 / 0.6 vs a base of about 0.4
+    assert list(dict.fromkeys(acc.index.get_level_values("label")))[:3] == ["k1 in reward", "k3 in reward+loss",
+                                                                              "k3 in loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# F1: biased configurations are unstable
+
+
+@pytest.mark.parametrize("unstable, expected", [
+    (("k3 in reward", "k1 in loss"), "supported"),
+    (("k1 in reward", "k3 in loss", "k3 in reward+loss"), "not supported"),
+    ((), "inconclusive at this scale"),
+    (("k3 in reward", "k1 in reward"), "inconclusive at this scale"),
+    (("no KL",), "inconclusive at this scale"),  # the control is in neither group
+])
+def test_f1_verdicts(unstable, expected):
+    f = fnd.finding_f1(fnd.run_outcomes(make_tables(on_policy(unstable=unstable))))
+    assert f.verdict == expected, f.numbers
+    assert f.numbers["biased_runs"] == 12 and f.numbers["other_runs"] == 18
+
+
+# ---------------------------------------------------------------------------------------------------------
+# F2: unbiased configurations beat k3 in loss, ID and OOD
+
+
+@pytest.mark.parametrize("acc, expected", [
+    ({"k1 in reward": (0.8, 0.6), "k3 in reward+loss": (0.8, 0.6), "k3 in loss": (0.4, 0.2)}, "supported"),
+    ({"k1 in reward": (0.3, 0.2), "k3 in reward+loss": (0.3, 0.2), "k3 in loss": (0.8, 0.6)}, "not supported"),
+    ({"k1 in reward": (0.8, 0.1), "k3 in reward+loss": (0.8, 0.1), "k3 in loss": (0.4, 0.6)}, "not supported"),
+    ({"k1 in reward": (0.8, 0.4), "k3 in reward+loss": (0.8, 0.4), "k3 in loss": (0.4, 0.4)},
+     "inconclusive at this scale"),
+])
+def test_f2_verdicts(acc, expected):
+    tables = make_tables(on_policy(acc=acc))
+    if expected.startswith("inconclusive"):  # OOD identical in distribution: make it identical in fact
+        for label in ("k1 in reward", "k3 in reward+loss"):
+            for run in tables.results.query("label == @label")["run"]:
+                tables.scores["ood_test"][run] = np.full(P, 0.4)
+        for run in tables.results.query("label == 'k3 in loss'")["run"]:
+            tables.scores["ood_test"][run] = np.full(P, 0.4)
+    f = fnd.finding_f2(tables, np.random.default_rng(0), n_boot=400)
+    assert f.verdict == expected, f.evidence
+    pooled = f.evidence[f.evidence["beta"] == "all"].set_index("split")
+    assert set(pooled.index) == {"ID", "OOD"}
+    assert math.isclose(f.numbers["ID_difference"], pooled.loc["ID", "difference"])
+    # per-β rows: pooled unbiased and each unbiased configuration, for both β and both splits
+    assert len(f.evidence) == 2 * (1 + 2 * 3)
+
+
+def test_f2_without_k3_in_loss_runs_is_inconclusive():
+    specs = [s for s in on_policy() if s["label"] != "k3 in loss"]
+    f = fnd.finding_f2(make_tables(specs), np.random.default_rng(0), n_boot=200)
+    assert f.verdict == "inconclusive at this scale" and f.numbers["k3_loss_runs"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# F3: KL stabilises off-policy training
+
+
+@pytest.mark.parametrize("unstable, expected", [
+    (("no KL",), "supported"),
+    (("k1 in reward", "k3 in loss", "k3 in loss (token IS)"), "not supported"),
+    ((), "inconclusive at this scale"),
+    (("no KL", "k1 in reward", "k3 in loss", "k3 in loss (token IS)"), "inconclusive at this scale"),
+    (("k1 in loss",), "inconclusive at this scale"),  # k1 in loss is in neither group
+])
+def test_f3_verdicts(unstable, expected):
+    tables = make_tables(off_policy(unstable=unstable) + on_policy())
+    outcomes = fnd.run_outcomes(tables)
+    f = fnd.finding_f3(tables, outcomes, np.random.default_rng(0), n_boot=400)
+    assert f.verdict == expected, f.numbers
+    assert f.numbers["no_kl_runs"] == 6 and f.numbers["kl_runs"] == 18  # lags 2 and 8 only
+    if expected == "supported":  # the collapsed no-KL runs end with less reward
+        assert f.numbers["final_reward_verdict"] == "supported" and f.numbers["final_reward_low"] > 0
+
+
+def test_f3_accuracy_difference_has_its_own_verdict():
+    acc = {"no KL": (0.2, 0.1), **{l: (0.7, 0.5) for l in fnd.OFFPOLICY_KL}}
+    tables = make_tables(off_policy(acc=acc))
+    f = fnd.finding_f3(tables, fnd.run_outcomes(tables), np.random.default_rng(0), n_boot=400)
+    assert f.verdict == "inconclusive at this scale"  # nothing unstable: the primary test decides
+    assert f.numbers["ID_pass@1_verdict"] == "supported" and f.numbers["OOD_pass@1_verdict"] == "supported"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Together
+
+
+def test_all_findings_paper_comparison_and_serialisation():
+    tables = make_tables(on_policy(unstable=("k3 in reward",)) + off_policy(unstable=("no KL",)))
+    found = fnd.all_findings(tables, seed=0, n_boot=200)
+    assert [f.id for f in found] == ["F1", "F2", "F3"]
+    assert all(f.verdict in ("supported", "not supported", "inconclusive at this scale") for f in found)
+    json.dumps([f.to_dict() for f in found])  # JSON-serialisable (no NaN objects, no DataFrames)
+    outcomes = fnd.run_outcomes(tables)
+    acc = fnd.accuracy_table(tables, np.random.default_rng(0), n_boot=200)
+    comp = fnd.paper_comparison(tables, acc, outcomes, found)
+    assert len(comp) == 10 and comp.iloc[0, 1].startswith("0.508 vs 0.429")
+    k3r = comp.set_index("outcome").loc["k3 in reward"]
+    assert "β=0.1: 3/3" in k3r.iloc[1] and k3r["verdict here"] == found[0].verdict
+    assert "lag 2: 3/3, lag 8: 3/3" in comp.set_index("outcome").loc["Off-policy, no KL"].iloc[1]
+    table = fnd.findings_table(found)
+    assert list(table["finding"]) == ["F1", "F2", "F3"]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kl_lib.config import KLConfig
-from kl_lib.evaluate import EvalSettings, evaluate_path, model_digest, pass_at_k
+from kl_lib.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
 from kl_lib.models import save_untrained_model
 from kl_lib.report import load_runs, load_summaries
 from kl_lib.rl.config import RLConfig
@@ -60,7 +60,7 @@ def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
     model = save_untrained_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     write_splits(tmp_path / "data", sizes={"sft": 10, "rl_train": 16, "id_test": 6, "ood_test": 6})
     cfg = RLConfig(model=str(model), data_dir=str(tmp_path / "data"), steps=2, prompts_per_step=2, group_size=2,
-                   runs_dir=str(tmp_path / "runs"), name="tiny", lr=1e-3,
+                   runs_dir=str(tmp_path / "runs"), name="tiny", lr=1e-3, checkpoint_every=1,
                    kl=KLConfig("k1", "loss", beta=1.0))  # an untrained model earns no reward: the KL term moves it
     result = train(cfg, progress=False)
     settings = EvalSettings(num_samples=4, batch_size=8)
@@ -75,6 +75,12 @@ def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
     assert evaluate_path(result.run_dir / "final", tmp_path / "data", result.run_dir / "eval.json", settings) == record
     assert (result.run_dir / "eval.json").stat().st_mtime_ns == mtime
     assert model_digest(result.run_dir / "final") != model_digest(model)
+    # the final model and the kept intermediate checkpoint (the last checkpoint is the final model)
+    run_eval = evaluate_run(result.run_dir, tmp_path / "data", settings)
+    assert set(run_eval) == {"final", "step_000001"}
+    assert run_eval["final"]["results"] == record["results"]
+    assert run_eval["step_000001"]["key"] != run_eval["final"]["key"]
+    assert evaluate_run(result.run_dir, tmp_path / "data", settings) == run_eval  # cached
     # run tables
     df = load_runs(tmp_path / "runs")
     assert list(df["step"]) == [0, 1] and set(df["label"]) == {"k1 in loss"}

@@ -50,7 +50,7 @@ PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env test reproduce lab clean distclean data base-model sweep bench FORCE
+.PHONY: help env test reproduce lab clean distclean data base-model sweep bench bench-trl FORCE
 
 help:
 	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -92,20 +92,28 @@ endif
 SWEEP_STAMP := $(RL_RUNS)/sweep.json
 
 data: $(DATA_STAMP)
-$(DATA_STAMP): kl_lib/tasks/arithmetic.py $(STAMP)
+$(DATA_STAMP): kl_lib/tasks/arithmetic.py | $(STAMP)
 	$(VPY) -m kl_lib.tasks.arithmetic --out data/arithmetic
 	touch $@
 
 base-model: $(BASE_MODEL)/DONE
-$(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/sft.py kl_lib/models.py
+# kl_lib.sft skips training when the config and the data are unchanged; touching DONE records the check.
+$(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/sft.py kl_lib/models.py | $(STAMP)
 	$(VPY) -m kl_lib.sft --out $(BASE_MODEL) $(SFT_ARGS)
+	touch $@
 
 sweep: $(SWEEP_STAMP)
 $(SWEEP_STAMP): configs/sweep.yaml $(BASE_MODEL)/DONE $(KL_LIB_SRC)
 	$(VPY) -m kl_lib.rl.sweep configs/sweep.yaml $(SWEEP_ARGS)
 
+# Benchmarks (run by hand; figures go to runs/benchmarks/). bench-trl installs the `bench` extra (trl).
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_exact.py
+	$(VPY) benchmarks/bench_memory.py
+
+bench-trl: $(STAMP)
+	$(VPY) -m pip install -e ".[bench]"
+	$(VPY) benchmarks/bench_trl.py
 
 # ---------------------------------------------------------------------------------------------------------
 # Notebooks. Kernel cwd = repository root; each notebook gets smoke and output_dir=$(NB_OUT)/<stem>.

@@ -1,0 +1,368 @@
+"""Peak memory of LoRA training with a reference against LoRA training without one (issue target: ≤ 5 % more).
+
+    python benchmarks/bench_memory.py [--steps 2] [--repeats 2] [--hidden-size 512] [--num-layers 8]
+        [--intermediate-size 1536] [--prompts 4] [--group-size 4] [--max-new-tokens 6] [--threads 1]
+        [--configs trainer_lora_ref,loop_lora_noref,...] [--out runs/benchmarks/memory.json]
+
+With LoRA our trainer's reference is the policy itself with its adapters disabled
+(``kl_lib.rl.train._reference``), so a reference should cost no second copy of the weights, only the
+transient activations of one no-grad forward. This measures it. Configurations, each in a fresh process:
+
+    trainer_lora_ref   kl_lib.rl.train.train, LoRA, k3 in the loss (β = 0.04): reference = disabled adapters
+    loop_lora_ref      the same step written out here (rollout, reference forward, LoRA update)
+    loop_lora_noref    the same step without any reference forward or KL term: LoRA without a reference
+    trainer_full_ref   kl_lib.rl.train.train, full fine-tuning: reference = a frozen copy (for contrast)
+    loop_full_ref      the written-out step, full fine-tuning, frozen-copy reference
+    loop_full_noref    the written-out step, full fine-tuning, no reference
+
+Why a written-out loop: the trainer cannot train without a reference. With β = 0 it still runs the reference
+forward, because the KL estimates are logged for every run (``KLConfig.beta``: "the term is still computed
+for logging"), so "our trainer with β = 0" is not "LoRA without a reference". ``loop_lora_noref`` is the
+trainer's step (``generate``, ``token_logprobs``, ``compute_advantages``, ``policy_loss``, AdamW, clipping:
+the same kl_lib functions) minus the reference forward and the KL term; ``loop_lora_ref`` adds exactly those
+two back, so loop_lora_ref / loop_lora_noref isolates the reference's cost, and trainer_lora_ref /
+loop_lora_noref is the issue's comparison (it also charges the trainer's logging: full-vocabulary log-probs,
+entropy, KL metrics).
+
+What is measured. CPU: the peak resident set size (``VmHWM`` of ``/proc/self/status``, the value
+``getrusage(RUSAGE_SELF).ru_maxrss`` reports) over the training steps. The peak is reset
+(``/proc/self/clear_refs``) once the models are built, so that loading does not hide the training peak, and read
+when the trainer starts saving its final checkpoint (the peak including the checkpoint and ``save_pretrained``,
+and the whole-process peak including loading, are reported too). Resident memory includes the interpreter and
+libraries (``baseline``: after importing torch, transformers and peft), so each ratio is also given for memory
+above that baseline. Three measures make resident memory track live tensors, the same for every configuration:
+
+* the weights are copied to anonymous memory right after loading (transformers maps the safetensors file;
+  untouched pages are not resident, and the kernel may drop read-only ones at any time);
+* ``MALLOC_MMAP_THRESHOLD_=65536``: glibc maps every block of 64 KiB or more and unmaps it on free. With its
+  default dynamic threshold, freed activations stay in the heap and the peak reflected allocator history
+  (±40 MiB between identical runs here); with it, identical runs agree to < 1 MiB;
+* one intra-op thread per run (``--threads``), which also keeps the runs short on a busy machine.
+
+``--repeats`` runs of every configuration, in alternating order; medians and spreads are reported. GPU (when
+CUDA is available): ``torch.cuda.max_memory_allocated`` over the same window instead.
+
+The model is a random Llama (``kl_lib.models.save_untrained_model``): 512 hidden, 8 layers, 1536 MLP width,
+≈ 27 M parameters ≈ 104 MiB in fp32, the largest single item in a LoRA run on this small batch (4 prompts × 4
+samples × 6 tokens, ~90 MiB of activations), so a second copy of the weights would add ~20 % to the LoRA
+run's peak, four times the 5 % target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = ("trainer_lora_ref", "loop_lora_ref", "loop_lora_noref", "trainer_full_ref", "loop_full_ref",
+           "loop_full_noref")
+BETA = 0.04
+# glibc keeps freed blocks below its (dynamic) mmap threshold for reuse, so resident memory would reflect the
+# allocator's history as much as live tensors (±40 MiB run to run here). A fixed threshold of 64 KiB maps every
+# tensor-sized block and unmaps it on free: the peak then tracks live memory, reproducibly to < 1 MiB.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Peak-memory probes (run in the child)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class Probe:
+    """Resident (CPU) or allocated (CUDA) memory: current value, peak, and a reset of the peak."""
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        self.torch, self.cuda = torch, cuda
+
+    def current_mib(self) -> float:
+        if self.cuda:
+            return self.torch.cuda.memory_allocated() / 2**20
+        return _status_kib("VmRSS") / 1024
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated() / 2**20
+        return _status_kib("VmHWM") / 1024
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+            return
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS to the current RSS (Linux ≥ 4.0)
+            f.write("5")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The child: one configuration
+# ------------------------------------------------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import peft  # noqa: F401  (imported before the baseline so that it counts libraries, not the run)
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import kl_lib.rl.train as rl_train
+    from kl_lib import objectives
+    from kl_lib.config import KLConfig
+    from kl_lib.models import format_prompt, load_model, load_tokenizer
+    from kl_lib.rl.config import RLConfig
+    from kl_lib.rl.rollout import generate, token_logprobs
+    from kl_lib.tasks.arithmetic import load_split, reward
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    probe = Probe(cuda)
+    out: dict[str, Any] = {"config": args.child, "device": device.type, "baseline_mib": probe.current_mib(),
+                           "peak_before_training_mib": None}
+    finetune = "lora" if "_lora_" in args.child else "full"
+    with_ref = args.child.endswith("_ref")
+    cfg = RLConfig(model=args.model_dir, data_dir=args.data_dir, seed=0, steps=args.steps,
+                   prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                   advantage="grpo", aggregation="token_mean", kl=KLConfig("k3", "loss", beta=BETA),
+                   finetune=finetune, checkpoint_every=10**9, device=device.type, dtype="float32",
+                   runs_dir=args.runs_dir, name=args.child)
+
+    def models_built() -> None:
+        out["peak_before_training_mib"] = probe.peak_mib()  # includes loading the weights
+        out["after_setup_mib"] = probe.current_mib()
+        out["after_setup_rss_anon_mib"] = _status_kib("RssAnon") / 1024
+        out["after_setup_rss_file_mib"] = _status_kib("RssFile") / 1024
+        probe.reset_peak()
+
+    if not cuda:
+        # transformers maps the safetensors file and the weights stay file-backed pages until written: not
+        # resident until first touched, and droppable by the kernel at any time, which makes resident memory
+        # noisy. Copying them to anonymous memory at load (every configuration alike) makes them count like
+        # weights on a GPU.
+        loader = rl_train.load_model
+
+        def load_resident(*a, **kw):
+            model = loader(*a, **kw)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.clone()
+            return model
+
+        rl_train.load_model = load_model = load_resident
+
+    if args.child.startswith("trainer_"):
+        build, save = rl_train._build_models, rl_train._save_checkpoint
+
+        def build_then_mark(*a, **kw):
+            built = build(*a, **kw)
+            models_built()
+            return built
+
+        def mark_then_save(*a, **kw):  # called once, after the last step (checkpoint_every > steps)
+            out.setdefault("peak_training_mib", probe.peak_mib())
+            return save(*a, **kw)
+
+        rl_train._build_models, rl_train._save_checkpoint = build_then_mark, mark_then_save
+        t = time.perf_counter()
+        result = rl_train.train(cfg, progress=False)
+        out["train_s"] = time.perf_counter() - t
+        out["status"] = result.status
+        out["peak_incl_save_mib"] = probe.peak_mib()
+    else:
+        # ---- the trainer's step, written out (kl_lib.rl.train.train), with or without the reference
+        tokenizer = load_tokenizer(cfg.model)
+        policy = load_model(cfg.model, device=device)
+        if finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(cfg.seed)
+            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                       target_modules=list(cfg.lora_targets), bias="none"))
+            ref = None
+        else:
+            ref = copy.deepcopy(policy).eval().requires_grad_(False) if with_ref else None
+        policy.train()
+        problems = load_split(Path(cfg.data_dir) / "rl_train.jsonl")
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+        models_built()
+        t = time.perf_counter()
+        for step in range(cfg.steps):
+            rng = random.Random(step)
+            batch = [p for p in rng.sample(problems, cfg.prompts_per_step) for _ in range(cfg.group_size)]
+            enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            roll = generate(policy, tokenizer, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                            max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=step)
+            rewards = torch.tensor([reward(text, p.answer, bool(f)) for text, p, f in
+                                    zip(roll.texts, batch, roll.finished.tolist())], device=device)
+            advantages = rl_train.compute_advantages(rewards, cfg.group_size, cfg.advantage)
+            if with_ref:
+                with torch.no_grad(), rl_train._reference(policy, ref) as ref_model:
+                    ref_logp, _ = token_logprobs(ref_model, roll.prompt_ids, roll.prompt_mask, roll.response_ids,
+                                                 roll.response_mask)
+            logp, _ = token_logprobs(policy, roll.prompt_ids, roll.prompt_mask, roll.response_ids, roll.response_mask)
+            loss, _ = rl_train.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
+                                           cfg.aggregation)
+            if with_ref:
+                kl_loss, _ = objectives.kl_term(cfg.kl, logp, ref_logp, roll.response_mask, aggregation=cfg.aggregation)
+                loss = loss + kl_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+        out["train_s"] = time.perf_counter() - t
+        out["status"] = "done"
+        out["peak_training_mib"] = probe.peak_mib()
+        out["peak_incl_save_mib"] = out["peak_training_mib"]  # nothing is saved
+    out["end_rss_anon_mib"] = _status_kib("RssAnon") / 1024
+    out["end_rss_file_mib"] = _status_kib("RssFile") / 1024
+    out["peak_process_mib"] = max(out["peak_before_training_mib"], out["peak_incl_save_mib"])
+    out["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the last reset
+    out["params"] = sum(p.numel() for p in load_model(cfg.model).parameters())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The parent: every configuration in a fresh process
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _run_child(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", name, "--model-dir", str(tmp / "model"), "--data-dir",
+           str(tmp / "data"), "--runs-dir", str(tmp / f"runs-{name}"), "--steps", str(args.steps),
+           "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+           "--max-new-tokens", str(args.max_new_tokens)]
+    env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"configuration {name} failed (exit {proc.returncode})")
+    shutil.rmtree(tmp / f"runs-{name}", ignore_errors=True)  # the trainer's run directory (checkpoint, model)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per configuration")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (order alternates)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--intermediate-size", type=int, default=1536)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (memory, not speed)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--out", default="runs/benchmarks/memory.json")
+    # internal: run one configuration and print its measurements as JSON
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--runs-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    configs = args.configs.split(",")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    import torch
+
+    from kl_lib.models import save_untrained_model
+    from kl_lib.runs import environment_info, write_json
+    from kl_lib.tasks.arithmetic import write_splits
+
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        tmp = Path(tmp)
+        write_splits(tmp / "data", seed=0, sizes={"sft": 1})  # only rl_train is used
+        save_untrained_model(tmp / "model", seed=0, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                             intermediate_size=args.intermediate_size, num_heads=8)
+        for r in range(args.repeats):
+            for name in configs if r % 2 == 0 else configs[::-1]:
+                runs[name].append(_run_child(name, args, tmp))
+                m = runs[name][-1]
+                print(f"  repeat {r} {name:17s} training peak {m['peak_training_mib']:7.1f} MiB "
+                      f"(baseline {m['baseline_mib']:6.1f}, after set-up {m['after_setup_mib']:6.1f}, "
+                      f"incl. loading and saving {m['peak_process_mib']:7.1f}; {m['train_s']:.1f} s)", flush=True)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(m[key] for m in runs[name])
+
+    summary = {name: {key: med(name, key) for key in ("peak_training_mib", "baseline_mib", "after_setup_mib",
+                                                      "peak_process_mib", "peak_incl_save_mib")}
+               | {"peak_training_spread_mib": [min(m["peak_training_mib"] for m in runs[name]),
+                                               max(m["peak_training_mib"] for m in runs[name])]}
+               for name in configs}
+
+    def ratio(a: str, b: str) -> dict[str, Any] | None:
+        if a not in runs or b not in runs:
+            return None
+        per_repeat = [ra["peak_training_mib"] / rb["peak_training_mib"] for ra, rb in zip(runs[a], runs[b])]
+        sa, sb = summary[a], summary[b]
+        return {"total": sa["peak_training_mib"] / sb["peak_training_mib"],
+                "total_per_repeat": per_repeat,
+                "above_baseline": (sa["peak_training_mib"] - sa["baseline_mib"])
+                / (sb["peak_training_mib"] - sb["baseline_mib"]),
+                "difference_mib": sa["peak_training_mib"] - sb["peak_training_mib"]}
+
+    comparisons = {
+        "trainer_lora_ref / loop_lora_noref (issue: <= 1.05)": ratio("trainer_lora_ref", "loop_lora_noref"),
+        "loop_lora_ref / loop_lora_noref (the reference alone)": ratio("loop_lora_ref", "loop_lora_noref"),
+        "trainer_full_ref / loop_full_noref": ratio("trainer_full_ref", "loop_full_noref"),
+        "loop_full_ref / loop_full_noref (a frozen copy)": ratio("loop_full_ref", "loop_full_noref"),
+        "trainer_full_ref / trainer_lora_ref": ratio("trainer_full_ref", "trainer_lora_ref"),
+    }
+    comparisons = {k: v for k, v in comparisons.items() if v is not None}
+    params = next(iter(runs.values()))[0]["params"]
+    weights_mib = params * 4 / 2**20
+    print(f"\nmodel {params / 1e6:.1f} M parameters = {weights_mib:.1f} MiB in fp32; median peaks over the training "
+          f"steps ({args.repeats} repeats):")
+    for name in configs:
+        s = summary[name]
+        print(f"  {name:17s} {s['peak_training_mib']:7.1f} MiB (spread {s['peak_training_spread_mib'][0]:.1f}-"
+              f"{s['peak_training_spread_mib'][1]:.1f}), {s['peak_training_mib'] - s['baseline_mib']:6.1f} above "
+              f"the {s['baseline_mib']:.1f} MiB baseline")
+    for label, c in comparisons.items():
+        spread = ", ".join(f"{x:.3f}" for x in c["total_per_repeat"])
+        print(f"  {label:55s} {c['total']:.3f} total (per repeat {spread}), {c['above_baseline']:.3f} above "
+              f"baseline, {c['difference_mib']:+.1f} MiB")
+
+    cuda = torch.cuda.is_available()
+    write_json(args.out, {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "device": "cuda" if cuda else "cpu",
+                    "metric": "torch.cuda.max_memory_allocated" if cuda else "VmHWM (peak resident set size)",
+                    "child_env": {**CHILD_ENV, "OMP_NUM_THREADS": str(args.threads)}},
+        "environment": environment_info(packages=("torch", "transformers", "peft", "kl_lib")),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "child", "model_dir", "data_dir",
+                                                                       "runs_dir")}
+        | {"beta": BETA, "params": params, "weights_mib": weights_mib},
+        "summary": summary, "comparisons": comparisons, "runs": runs,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@
 #   make reproduce SMOKE=1         the same with smoke=True, into runs/smoke/notebooks/
 #   make reproduce PARAMS="-p seed 3" PARAMS_02_toy_gradient_bias="-p rl_steps 200"
 #   make data | base-model | sweep  task splits, the SFT base model, the RL sweep of configs/sweep.yaml
+#   make report                    runs/report/: results.csv, figures, index.html (the end of `reproduce`)
 #   make lab                       JupyterLab on 127.0.0.1 (no browser)
 #   make clean | distclean         generated outputs and caches | also .venv
 #
@@ -50,7 +51,7 @@ PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env test reproduce lab clean distclean data base-model sweep bench bench-trl FORCE
+.PHONY: help env test reproduce report lab clean distclean data base-model sweep bench bench-trl FORCE
 
 help:
 	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -80,7 +81,7 @@ test: $(STAMP)
 DATA_STAMP := data/arithmetic/.stamp
 ifneq ($(filter 1 true True yes,$(SMOKE)),)
 BASE_MODEL := data/models/tiny-base-smoke
-SFT_ARGS := --steps 200 --probe-every 0
+SFT_ARGS := --smoke
 SWEEP_ARGS := --smoke --set runs_dir=runs/smoke/rl --set model=$(BASE_MODEL)
 RL_RUNS := runs/smoke/rl
 else
@@ -156,5 +157,16 @@ distclean: clean
 # Notebooks that read what the RL targets produce (full runs; smoke notebooks build their own tiny models).
 ifeq ($(filter 1 true True yes,$(SMOKE)),)
 $(NB_OUT)/03_rl_finetuning.ipynb: $(BASE_MODEL)/DONE
-$(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(SWEEP_STAMP)
 endif
+$(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(SWEEP_STAMP)
+
+# The browsable report (results.csv, figures, index.html linking every executed notebook) closes `reproduce`.
+ifneq ($(filter 1 true True yes,$(SMOKE)),)
+REPORT := runs/smoke/report
+else
+REPORT := runs/report
+endif
+reproduce: $(REPORT)/index.html
+report: $(REPORT)/index.html
+$(REPORT)/index.html: $(EXECUTED) $(SWEEP_STAMP) $(KL_LIB_SRC) | $(STAMP)
+	$(VPY) -m kl_lib.site --runs $(RL_RUNS) --notebooks $(NB_OUT) --out $(REPORT)

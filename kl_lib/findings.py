@@ -68,8 +68,8 @@ from kl_lib.tables import SPLITS, RunTables
 
 __all__ = [
     "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_FACTOR", "KL_BLOWUP_FLOOR", "BIASED", "UNBIASED", "K3_LOSS", "OFFPOLICY_KL",
-    "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "smoothing_window", "run_outcomes", "instability_table",
-    "accuracy_table", "group_replicates", "rate_comparison", "bootstrap_difference", "Finding", "finding_f1",
+    "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "sort_configs", "smoothing_window", "run_outcomes", "instability_table",
+    "accuracy_table", "format_accuracy", "group_replicates", "rate_comparison", "bootstrap_difference", "Finding", "finding_f1",
     "finding_f2", "finding_f3", "all_findings", "paper_comparison", "findings_table",
 ]
 
@@ -127,9 +127,12 @@ def run_outcomes(tables: RunTables) -> pd.DataFrame:
     ``unstable``, ``unstable_incl_blowup``.
     """
     res = tables.results.set_index("run")
+    by_run = dict(list(tables.metrics.sort_values("step").groupby("run", sort=False)))
+    empty = pd.DataFrame(columns=["step", "reward/mean", "kl/analytic", "kl/forward_myopic", "policy/entropy"],
+                         dtype=float)
     rows = []
-    for run, m in tables.metrics.sort_values("step").groupby("run", sort=False):
-        r = res.loc[run]
+    for run, r in res.iterrows():
+        m = by_run.get(run, empty)  # a run that diverged in its first rollout logged no step
         w = smoothing_window(r["steps"])
         reward = m["reward/mean"].rolling(w, min_periods=w).mean()
         peak = reward.cummax()
@@ -245,6 +248,23 @@ def accuracy_table(tables: RunTables, rng: np.random.Generator, n_boot: int = 40
                             f"{name} Δbase": est[k] - est["base"], f"{name} Δbase low": dlo,
                             f"{name} Δbase high": dhi})
     return sort_configs(pd.DataFrame(list(rows.values())))
+
+
+def format_accuracy(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """``accuracy_table`` for reading: "estimate [low, high]" strings per split, for pass@1 and for − base."""
+    rows = []
+    for _, r in accuracy.iterrows():
+        row = {"setting": r["setting"], "configuration": r["label"], "β": r["beta"], "runs": r["n_runs"],
+               "diverged": r["n_diverged"]}
+        for s in SPLIT_NAMES.values():
+            if f"{s} pass@1" not in r or pd.isna(r[f"{s} pass@1"]):
+                row[f"{s} pass@1 [95% CI]"] = row[f"{s} − base [95% CI]"] = "–"
+                continue
+            row[f"{s} pass@1 [95% CI]"] = f"{r[f'{s} pass@1']:.3f} [{r[f'{s} low']:.3f}, {r[f'{s} high']:.3f}]"
+            row[f"{s} − base [95% CI]"] = (f"{r[f'{s} Δbase']:+.3f} [{r[f'{s} Δbase low']:+.3f}, "
+                                           f"{r[f'{s} Δbase high']:+.3f}]")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from kl_lib.models import build_tokenizer, format_prompt, tiny_llama_config
 from kl_lib.runs import environment_info, write_json
 from kl_lib.tasks.arithmetic import Problem, load_split, write_splits
 
-__all__ = ["SFTConfig", "train_base_model", "encode_sft"]
+__all__ = ["SFTConfig", "SMOKE", "train_base_model", "encode_sft"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class SFTConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+SMOKE = SFTConfig(steps=200, batch_size=64, hidden_size=64, num_layers=2, probe_every=0)
+"""The smoke-mode base model (``make ... SMOKE=1``, notebook smoke runs): seconds to train, mechanics only."""
 
 
 def encode_sft(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,10 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the tiny base model by SFT.")
     parser.add_argument("--out", default="data/models/tiny-base")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="start from the SMOKE preset (other flags still apply)")
     for field in dataclasses.fields(SFTConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
     args = parser.parse_args(argv)
-    config = SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig)})
+    base = SMOKE if args.smoke else SFTConfig()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if getattr(args, f.name) is not None}
+    config = dataclasses.replace(base, **given)
     train_base_model(args.out, config, force=args.force)
 
 

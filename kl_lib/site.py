@@ -96,7 +96,7 @@ def plot_accuracy(accuracy: pd.DataFrame, base: dict[str, float], setting: str =
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", rotation_mode="anchor")
         ax.set_title(f"{'in domain' if split == 'id_test' else 'out of domain'} ({name}: "
                      f"{'3-digit addition' if split == 'id_test' else '3-digit subtraction'})")
-        ax.set_ylabel("pass@1 of the final model (temperature 1)")
+        ax.set_ylabel("pass@1 of the final model (temperature 1)" if ax is axes[0] else "")
     handles = [plt.Line2D([], [], marker=markers[b], ls="", color="0.5", mec="k", label=f"β = {b:g}") for b in betas]
     handles.append(plt.Line2D([], [], color="k", ls="--", lw=1, label="base model"))
     axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
@@ -110,9 +110,10 @@ def plot_accuracy(accuracy: pd.DataFrame, base: dict[str, float], setting: str =
         best = acc.loc[acc[f"{name} pass@1"].idxmax()]
         above = int((acc[f"{name} Δbase low"] > 0).sum())
         below = int((acc[f"{name} Δbase high"] < 0).sum())
-        parts.append(f"{name}: highest {best['label']} (β={best['beta']:g}) {best[f'{name} pass@1']:.3f} vs base "
-                     f"{base[split]:.3f}; {above} of {len(acc)} configuration×β cells are above the base model "
-                     f"(CI excludes 0) and {below} below.")
+        top = (f"highest {best['label']} (β={best['beta']:g}) {best[f'{name} pass@1']:.3f}"
+               if np.ptp(acc[f"{name} pass@1"]) > 1e-9 else f"all equal ({best[f'{name} pass@1']:.3f})")
+        parts.append(f"{name}: {top} vs base {base[split]:.3f}; {above} of {len(acc)} configuration×β cells are "
+                     f"above the base model (CI excludes 0) and {below} below.")
     lo_n, hi_n = int(acc["n_runs"].min()), int(acc["n_runs"].max())
     n_text = f"{lo_n} run{'s' if lo_n > 1 else ''}" if lo_n == hi_n else f"{lo_n}–{hi_n} runs"
     plotting.caption(fig, (f"{n_text} per point; intervals resample runs and "
@@ -170,6 +171,10 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
     fig.suptitle(f"Entropy against forward KL during training ({setting}; mean over seeds, ● = end)", y=1.02)
     fig.tight_layout()
     e = pd.DataFrame(ends)
+    # Final entropy per run (W-step mean at the end) for a seed-level interval of the k1-in-reward − k3-in-loss gap.
+    out = fnd.run_outcomes(tables)
+    out = out[out["setting"] == setting]
+    rng = np.random.default_rng(0)
     text = []
     for beta, g in e.groupby("beta"):
         g = g.set_index("label")
@@ -179,9 +184,12 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
         pair = ""
         if {"k1 in reward", fnd.K3_LOSS} <= set(g.index):
             a, b = g.loc["k1 in reward"], g.loc[fnd.K3_LOSS]
-            order = ("lower" if a["entropy"] < b["entropy"] else "higher" if a["entropy"] > b["entropy"] else "equal")
+            at = out[out["beta"] == beta]
+            d, lo, hi = fnd.bootstrap_difference(at.loc[at["label"] == "k1 in reward", "final_entropy"],
+                                                 at.loc[at["label"] == fnd.K3_LOSS, "final_entropy"], rng, 4000)
             pair = (f" k1 in reward ends at entropy {a['entropy']:.3f} and forward KL {a['forward']:.3f}, "
-                    f"k3 in loss at {b['entropy']:.3f} and {b['forward']:.3f} ({order} entropy for k1 in reward).")
+                    f"k3 in loss at {b['entropy']:.3f} and {b['forward']:.3f}; final-entropy difference k1 in "
+                    f"reward − k3 in loss {d:+.3f} nats/token (95% CI over seeds [{lo:+.3f}, {hi:+.3f}]).")
         lowest = (kl_only["entropy"].idxmin() if np.ptp(kl_only["entropy"]) > 1e-9 else "a tie")
         largest = (kl_only["forward"].idxmax() if np.ptp(kl_only["forward"]) > 1e-9 else "a tie")
         text.append(f"β = {beta:g}: lowest final entropy {lowest}, largest forward KL {largest}.{pair}")
@@ -195,7 +203,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
     ck = tables.checkpoints[tables.checkpoints["setting"] == setting]
     labels = _ordered(ck["label"])
     palette = plotting.config_palette(labels)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     betas = sorted(ck["beta"].unique())
     dashes = dict(zip([b for b in betas if b > 0], ["", (4, 2), (1, 1), (6, 2, 1, 2)]))
     rows = []
@@ -271,8 +279,10 @@ def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:
     return fig
 
 
-def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame) -> plt.Figure:
-    """Per lag and configuration: fraction of unstable runs, and final ID / OOD pass@1 with 95% CIs."""
+def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame,
+                           base: dict[str, float] | None = None) -> plt.Figure:
+    """Per lag and configuration: fraction of unstable runs, and final ID / OOD pass@1 with 95% CIs
+    (dashed: the base model, when ``base`` is given)."""
     out = outcomes[outcomes["policy_loss"] == "ppo"]
     acc = accuracy[accuracy["setting"].isin(out["setting"].unique())].copy()
     labels = _ordered(out["label"])
@@ -302,6 +312,9 @@ def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame) -> pl
             ax.errorbar(xs, r[f"{name} pass@1"], yerr=[r[f"{name} pass@1"] - r[f"{name} low"],
                                                        r[f"{name} high"] - r[f"{name} pass@1"]],
                         fmt="o", color=palette[label], capsize=2, mec="k", mew=0.5, ms=6)
+        if base is not None:
+            ax.axhline(base[split], color="k", ls="--", lw=1, label="base model")
+            ax.legend(loc="best", frameon=False, fontsize=8)
         ax.set_xticks(range(len(lags)), [f"lag {k}" for k in lags])
         ax.set(ylabel="final pass@1 (mean over seeds, 95% CI)", title=f"{name} accuracy")
     axes[0].legend(loc="upper left", frameon=False, fontsize=8)
@@ -311,8 +324,10 @@ def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame) -> pl
     for lag in lags:
         g = out[out["async_lag"] == lag]
         nk, kl = g[g["label"] == fnd.NO_KL], g[g["label"].isin(fnd.OFFPOLICY_KL)]
-        text.append(f"lag {lag}: no KL {int(nk['unstable'].sum())}/{len(nk)} unstable, the stabilising candidates "
-                    f"{int(kl['unstable'].sum())}/{len(kl)}")
+        k1l = g[g["label"] == "k1 in loss"]
+        text.append(f"lag {lag}: unstable runs, no KL {int(nk['unstable'].sum())}/{len(nk)}, with k1 in reward / "
+                    f"k3 in loss / k3 in loss (token IS) {int(kl['unstable'].sum())}/{len(kl)}, k1 in loss "
+                    f"{int(k1l['unstable'].sum())}/{len(k1l)}")
     plotting.caption(fig, "; ".join(text) + ". A diverged run counts 0 in the accuracy panels.")
     return fig
 
@@ -404,7 +419,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
         save(plot_checkpoints(tables), "fig_checkpoints", "Mid-training checkpoints vs final")
     if (tables.results["policy_loss"] == "ppo").any():
         save(plot_offpolicy_curves(tables), "fig_offpolicy_curves", "Off-policy reward curves per lag")
-        save(plot_offpolicy_summary(accuracy, outcomes), "fig_offpolicy", "Off-policy stability and accuracy")
+        save(plot_offpolicy_summary(accuracy, outcomes, base), "fig_offpolicy", "Off-policy stability and accuracy")
 
     prov = _provenance(runs_dir)
     notebooks = sorted(notebooks_dir.glob("*.html")) if notebooks_dir.is_dir() else []

@@ -30,6 +30,7 @@ notebooks run on a fresh clone in smoke mode; every step reuses outputs that are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     from kl_lib.evaluate import evaluate_path
     from kl_lib.rl.sweep import eval_settings, expand_sweep, run_sweep
     from kl_lib.runs import write_json
-    from kl_lib.sft import SFTConfig, train_base_model
+    from kl_lib.sft import SMOKE, train_base_model
     from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS, write_splits
 
     runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)
@@ -207,7 +208,7 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
         return runs_dir
     if not all((data_dir / f"{s}.jsonl").exists() for s in DATA_SPLITS):
         write_splits(data_dir)  # `make data`
-    train_base_model(model_dir, SFTConfig(data_dir=str(data_dir), steps=200, probe_every=0))  # reused if current
+    train_base_model(model_dir, dataclasses.replace(SMOKE, data_dir=str(data_dir)))  # reused if current
     evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
     # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
     results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)

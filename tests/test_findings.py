@@ -102,6 +102,11 @@ def test_outcomes_ignore_a_single_noisy_step_but_catch_a_sustained_collapse():
     assert div["diverged"] and div["unstable"] and div["final_reward"] == 0.0
     inst = fnd.instability_table(fnd.run_outcomes(make_tables(specs)))
     assert sorted(inst["seed"]) == [0, 1] and set(inst["label"]) == {"k1 in reward", "k3 in loss"}
+    # a run that diverged before logging any step still counts
+    tables = make_tables(specs)
+    tables.metrics = tables.metrics[tables.metrics["run"] != "run3"]
+    out = fnd.run_outcomes(tables).set_index("run")
+    assert out.loc["run3", "diverged"] and out.loc["run3", "unstable"] and out.loc["run3", "steps_completed"] == 0
 
 
 def test_kl_blowup_is_relative_to_the_no_kl_runs_of_the_same_setting():
@@ -150,6 +155,10 @@ def test_accuracy_table_means_cis_and_difference_to_base():
     assert row["ID low"] <= row["ID pass@1"] <= row["ID high"]
     assert math.isclose(row["ID Δbase"], row["ID pass@1"] - tables.base_accuracy("id_test"))
     assert row["ID Δbase low"] > 0 and row["OOD Δbase low"] > 0  # 0.8 / 0.6 vs a base of about 0.4
+    text = fnd.format_accuracy(acc.reset_index()).set_index(["configuration", "β"])
+    cell = text.loc[("k1 in reward", 0.5), "ID pass@1 [95% CI]"]
+    assert cell == f"{row['ID pass@1']:.3f} [{row['ID low']:.3f}, {row['ID high']:.3f}]"
+    assert text.loc[("k1 in reward", 0.5), "OOD − base [95% CI]"].startswith("+")
     assert list(dict.fromkeys(acc.index.get_level_values("label")))[:3] == ["k1 in reward", "k3 in reward+loss",
                                                                               "k3 in loss"]
 

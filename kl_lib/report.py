@@ -3,7 +3,7 @@
 A run directory (``kl_lib.rl.train``) holds ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``DONE``;
 :func:`load_runs` turns a directory of runs into one long DataFrame (one row per run and step) with the
 configuration columns the notebooks group by: ``label`` (the KL configuration, or "no KL"), ``beta``,
-``seed``, ``async_lag``.
+``seed``, ``async_lag``. One row per finished run, with its evaluation, is ``kl_lib.tables.results_table``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import seaborn as sns
 from kl_lib.config import KLConfig
 from kl_lib.plotting import config_palette
 
-__all__ = ["run_label", "load_runs", "load_summaries", "plot_training_curves"]
+__all__ = ["run_label", "load_runs", "plot_training_curves"]
 
 
 def run_label(config: dict) -> str:
@@ -50,15 +50,6 @@ def load_runs(runs_dir: str | Path, names: Iterable[str] | None = None) -> pd.Da
     if not frames:
         raise FileNotFoundError(f"no runs with metrics under {runs_dir}; train some first (make sweep)")
     return pd.concat(frames, ignore_index=True)
-
-
-def load_summaries(runs_dir: str | Path, names: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per finished run: its configuration columns and ``summary.json``."""
-    rows = []
-    for d in _run_dirs(runs_dir, names):
-        if (d / "summary.json").exists() and (d / "DONE").exists():
-            rows.append({**_config_columns(d), **json.loads((d / "summary.json").read_text())})
-    return pd.DataFrame(rows)
 
 
 def plot_training_curves(df: pd.DataFrame, metrics: dict[str, str], hue: str = "label", units: str = "seed",

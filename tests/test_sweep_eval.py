@@ -9,7 +9,8 @@ import yaml
 from kl_lib.config import KLConfig
 from kl_lib.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
 from kl_lib.models import save_untrained_model
-from kl_lib.report import load_runs, load_summaries
+from kl_lib.report import load_runs
+from kl_lib.tables import results_table
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.sweep import eval_settings, expand_sweep, main as sweep_main
 from kl_lib.tasks.arithmetic import write_splits
@@ -84,7 +85,8 @@ def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
     # run tables
     df = load_runs(tmp_path / "runs")
     assert list(df["step"]) == [0, 1] and set(df["label"]) == {"k1 in loss"}
-    summaries = load_summaries(tmp_path / "runs")
+    summaries = results_table(tmp_path / "runs")
     assert summaries.loc[0, "status"] == "done" and summaries.loc[0, "steps_completed"] == 2
+    assert summaries.loc[0, "id_test pass@1"] == run_eval["final"]["results"]["id_test"]["pass@1"]
     with pytest.raises(FileNotFoundError, match="make sweep"):
         load_runs(tmp_path / "data")

@@ -261,3 +261,31 @@ def test_run_identity_follows_the_base_model_and_the_data(tiny, tmp_path):
     assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, model=str(other_model)))
     assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, data_dir=str(other_data)))
     assert run_identity(cfg) != run_identity(dataclasses.replace(cfg, lr=2e-3))
+
+
+def test_sharing_each_prompt_across_its_group_changes_nothing_but_the_cost(tiny):
+    """Groups of identical prompts are encoded once (prefix cache in generate, a shared prompt pass in the
+    log-probs): the same samples, log-probs and gradients as the plain path."""
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    G = 3
+    ids, mask = _prompts(tokenizer, [t for t in ["1+2=", "123+456=", "99-7="] for _ in range(G)])
+    plain = generate(model, tokenizer, ids, mask, max_new_tokens=5, temperature=1.0, seed=4)
+    shared = generate(model, tokenizer, ids, mask, max_new_tokens=5, temperature=1.0, seed=4, group_size=G)
+    assert torch.equal(plain.response_ids, shared.response_ids)
+    m = plain.response_mask
+    torch.testing.assert_close(plain.behavior_logp[m], shared.behavior_logp[m], atol=1e-5, rtol=0)
+    args = (plain.prompt_ids, plain.prompt_mask, plain.response_ids, m)
+    model.train()
+    grads = []
+    for group_size in (1, G):
+        logp, logprobs = token_logprobs(model, *args, group_size=group_size)
+        loss = (logp * m).sum() + (logprobs.exp() * logprobs).sum()
+        grads.append((logp.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # rows interleaved, so not consecutive groups of one prompt: the plain path is taken
+    perm = torch.arange(3 * G).view(3, G).T.reshape(-1)
+    logp_mixed, _ = token_logprobs(model, *(x[perm] for x in args), group_size=G)
+    torch.testing.assert_close(logp_mixed, grads[0][0][perm], atol=1e-5, rtol=0)

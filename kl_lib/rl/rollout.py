@@ -16,6 +16,8 @@ call: a rollout is a pure function of (weights, prompts, seed), which makes resu
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -52,19 +54,33 @@ def _autocast(model: torch.nn.Module, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-             temperature: float, seed: int, autocast_dtype: torch.dtype | None = None) -> Rollout:
-    """Sample one response per row of ``prompt_ids`` ``(B, P)``."""
+             temperature: float, seed: int, autocast_dtype: torch.dtype | None = None,
+             group_size: int = 1) -> Rollout:
+    """Sample one response per row of ``prompt_ids`` ``(B, P)``.
+
+    With consecutive groups of ``group_size`` identical prompts, the prompts (all but their last token) are
+    encoded once and the cache handed to ``generate`` for the whole group (prefix caching).
+    """
     device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _autocast(model, autocast_dtype):
         torch.manual_seed(seed)
+        prefix = {}
+        if _shared_prompt_groups(prompt_ids, prompt_mask, group_size) and prompt_ids.shape[1] > 1:
+            G, head = group_size, prompt_mask[::group_size, :-1].long()
+            positions = (head.cumsum(-1) - 1).clamp_min(0)
+            cache = model(input_ids=prompt_ids[::G, :-1], attention_mask=head, position_ids=positions,
+                          use_cache=True).past_key_values
+            cache.batch_repeat_interleave(G)
+            prefix = {"past_key_values": cache}  # generate's name for a prefix cache
         out = model.generate(
-            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), do_sample=True,
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            output_logits=True, return_dict_in_generate=True,
+            output_logits=True, return_dict_in_generate=True, **prefix,
         )
     model.train(was_training)
     response_ids = out.sequences[:, prompt_ids.shape[1]:]  # (B, R)
@@ -73,24 +89,58 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
     mask, finished = response_mask(response_ids, tokenizer.eos_token_id)
     response_ids = response_ids.masked_fill(~mask, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids.to(device), prompt_mask.to(device), response_ids, mask, finished,
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished,
                    logp.masked_fill(~mask, 0.0), texts)
 
 
+def _shared_prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
+    """True when the batch is consecutive groups of ``group_size`` rows with identical prompts."""
+    B = prompt_ids.shape[0]
+    if group_size <= 1 or B % group_size:
+        return False
+    ids = prompt_ids.view(B // group_size, group_size, -1)
+    mask = prompt_mask.view(B // group_size, group_size, -1)
+    return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_kwarg_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the forward argument that takes a KV cache (``cache`` in recent transformers)."""
+    return _cache_kwarg_of(type(model).forward)
+
+
 def token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-                   temperature: float = 1.0, autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                   temperature: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                   group_size: int = 1) -> tuple[Tensor, Tensor]:
     """``(logp, logprobs)``: log π of the response tokens ``(B, R)`` and the full log-probs ``(B, R, V)``.
 
     Both are float32 and differentiable through ``model``; the full log-probs feed the analytic estimator,
-    entropy and the forward-KL estimate.
+    entropy and the forward-KL estimate. When the batch is groups of ``group_size`` samples of the same prompt
+    (as a rollout is), each prompt is encoded once and its key/value cache shared by the group (gradients
+    flow through the shared prompt pass, summed over the group): the same numbers for a fraction of the work.
     """
-    input_ids = torch.cat([prompt_ids, response_ids], 1)  # (B, P + R)
-    attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)
+    attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    with _autocast(model, autocast_dtype):
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
     P = prompt_ids.shape[1]
-    logits = logits[:, P - 1: -1].float() / temperature  # (B, R, V): the distribution of each response token
+    with _autocast(model, autocast_dtype):
+        if _shared_prompt_groups(prompt_ids, prompt_mask, group_size):
+            G = group_size
+            prompt_out = model(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(),
+                               position_ids=position_ids[::G, :P], use_cache=True)
+            cache = prompt_out.past_key_values
+            cache.batch_repeat_interleave(G)  # (B/G, …) -> (B, …), differentiable
+            first = prompt_out.logits[:, -1:].repeat_interleave(G, 0)  # distribution of the first response token
+            rest = model(input_ids=response_ids, attention_mask=attention, position_ids=position_ids[:, P:],
+                         use_cache=False, **{_cache_kwarg(model): cache}).logits[:, :-1]
+            logits = torch.cat([first, rest], 1)
+        else:
+            input_ids = torch.cat([prompt_ids, response_ids], 1)
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits[:, P - 1: -1]
+    logits = logits.float() / temperature  # (B, R, V): the distribution of each response token
     logprobs = torch.log_softmax(logits, -1)
     logp = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     return logp, logprobs

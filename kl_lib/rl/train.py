@@ -320,8 +320,10 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             if cfg.async_lag:
                 snapshots.append(_trainable_state(policy))
             rng = random.Random(_step_seed(cfg.seed, step))
-            batch = [p for p in rng.sample(problems, cfg.prompts_per_step) for _ in range(cfg.group_size)]
-            prompt_ids, prompt_mask = _encode_prompts(tokenizer, batch, device)
+            chosen = rng.sample(problems, cfg.prompts_per_step)
+            batch = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups of one prompt
+            prompt_ids, prompt_mask = (t.repeat_interleave(cfg.group_size, 0)
+                                       for t in _encode_prompts(tokenizer, chosen, device))
             if cfg.async_lag:
                 _load_trainable(sampler, snapshots[0])  # lag steps old (or the oldest available early on)
                 sampler_model = sampler
@@ -330,7 +332,8 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             try:
                 roll: Rollout = generate(sampler_model, tokenizer, prompt_ids, prompt_mask,
                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         seed=_step_seed(cfg.seed, step), autocast_dtype=autocast_dtype)
+                                         seed=_step_seed(cfg.seed, step), autocast_dtype=autocast_dtype,
+                                         group_size=cfg.group_size)
             except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
                 if "probability tensor" not in str(err):
                     raise
@@ -345,7 +348,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             with torch.no_grad(), _reference(policy, ref) as ref_model:
                 ref_logp, ref_logprobs = token_logprobs(ref_model, roll.prompt_ids, roll.prompt_mask,
                                                         roll.response_ids, roll.response_mask, cfg.temperature,
-                                                        autocast_dtype)
+                                                        autocast_dtype, group_size=cfg.group_size)
             off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
             behavior_logp = roll.behavior_logp if off_policy else None
 
@@ -365,7 +368,8 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                 for idx in order.view(cfg.ppo_minibatches, -1).to(device):
                     mask = roll.response_mask[idx]
                     logp, logprobs = token_logprobs(policy, roll.prompt_ids[idx], roll.prompt_mask[idx],
-                                                    roll.response_ids[idx], mask, cfg.temperature, autocast_dtype)
+                                                    roll.response_ids[idx], mask, cfg.temperature, autocast_dtype,
+                                                    group_size=cfg.group_size if cfg.ppo_minibatches == 1 else 1)
                     if logged is None:
                         logged = (logp.detach(), logprobs.detach())
                     beh = None if behavior_logp is None else behavior_logp[idx]

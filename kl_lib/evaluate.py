@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kl_lib.models import format_prompt, load_model, load_tokenizer
+from kl_lib.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.runs import write_json
 from kl_lib.tasks.arithmetic import Problem, load_split, reward
 
@@ -56,9 +56,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _encode(tokenizer, problems: list[Problem], device) -> dict[str, torch.Tensor]:
-    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
+    ids, mask = encode_prompts(tokenizer, [p.prompt for p in problems], device)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _score(tokenizer, problems: list[Problem], responses: torch.Tensor) -> list[float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "ALPHABET", "build_tokenizer", "tiny_llama_config", "load_model",
-           "load_tokenizer", "format_prompt", "save_untrained_model"]
+           "load_tokenizer", "format_prompt", "encode_prompts", "save_untrained_model"]
 
 ALPHABET = "0123456789+-= "
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -69,6 +69,13 @@ def format_prompt(tokenizer, prompt: str) -> str:
     """The chat-formatted generation prompt for one user message."""
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-format and left-pad user messages: ``(input_ids, attention_mask)``, both ``(B, P)`` on ``device``."""
+    enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

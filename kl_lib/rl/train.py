@@ -51,11 +51,11 @@ from tqdm.auto import tqdm
 
 from kl_lib import objectives
 from kl_lib.estimators import analytic
-from kl_lib.models import format_prompt, load_model, load_tokenizer
+from kl_lib.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.rl.config import RLConfig, load_config
 from kl_lib.rl.rollout import Rollout, generate, token_logprobs
 from kl_lib.runs import atomic_write, environment_info, write_json
-from kl_lib.tasks.arithmetic import Problem, load_split, reward
+from kl_lib.tasks.arithmetic import load_split, reward
 
 __all__ = ["train", "compute_advantages", "policy_loss", "RunResult", "resolve_device"]
 
@@ -257,12 +257,6 @@ def _summarise(metrics: list[dict[str, Any]], status: str, extra: dict[str, Any]
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _encode_prompts(tokenizer, problems: list[Problem], device: torch.device) -> tuple[Tensor, Tensor]:
-    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**31 - 1)
 
@@ -323,7 +317,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             chosen = rng.sample(problems, cfg.prompts_per_step)
             batch = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups of one prompt
             prompt_ids, prompt_mask = (t.repeat_interleave(cfg.group_size, 0)
-                                       for t in _encode_prompts(tokenizer, chosen, device))
+                                       for t in encode_prompts(tokenizer, [p.prompt for p in chosen], device))
             if cfg.async_lag:
                 _load_trainable(sampler, snapshots[0])  # lag steps old (or the oldest available early on)
                 sampler_model = sampler

@@ -300,7 +300,7 @@ def profile_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_d
         "backward": cumulative("run_backward"),
         "optimizer step": cumulative("step", "torch/optim/adam"),
         "finite-weights check": cumulative("isfinite"),
-        "prompt formatting and tokenization": cumulative("_encode_prompts", "kl_lib"),
+        "prompt formatting and tokenization": cumulative("encode_prompts", "kl_lib"),
         "rewards and advantages": cumulative("reward", "kl_lib/tasks") + cumulative("compute_advantages"),
         "KL metrics and entropy (logging)": cumulative("kl_metrics") + cumulative("analytic", "kl_lib/estimators"),
     }

@@ -1,0 +1,86 @@
+"""Tasks with verifiable rewards, by name: what the trainer samples prompts from and how it scores responses.
+
+A task maps the study's split names to problems and scores a response against a problem:
+
+    rl_train   the prompts RL trains on            id_test   held-out problems of the same task
+    ood_test   other skills/domains the model partly knows (what a KL term is meant to protect)
+
+``get_task(name).load(split, source)`` returns ``list[Problem]`` and ``task.reward(response, problem, finished)``
+a float in [0, 1] that never raises on model output (truncated responses, ``finished=False``, score 0).
+``source`` is where the data lives: a local directory (the project's generated JSONL, or local files in a hub
+dataset's own schema) or ``None`` for the task's default (its hub dataset, or ``data/<task>``).
+
+Tasks register themselves with :func:`register`; an unknown name raises an error listing the known ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Problem", "Task", "register", "get_task", "task_names", "SPLIT_NAMES"]
+
+SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    skill: str  # sub-task or source subset (e.g. "add3", "math/algebra", "mmlu/college_physics")
+    prompt: str  # the user message, ready for the chat template
+    answer: str  # the reference answer in the form the task's reward compares against
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    load: Callable[[str, "str | None"], list[Problem]]
+    """``load(split, source) -> list[Problem]``; ``split`` is one of ``splits``."""
+    reward: Callable[[str, Problem, bool], float]
+    """``reward(response, problem, finished) -> float`` in [0, 1]; never raises."""
+    splits: tuple[str, ...] = SPLIT_NAMES
+    description: str = ""
+    default_source: str | None = None
+    """Where ``load`` looks when no source is given (documentation; ``load`` applies it)."""
+    extra: dict = field(default_factory=dict)
+
+    def load_split(self, split: str, source: str | None = None) -> list[Problem]:
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; its splits are {', '.join(self.splits)}")
+        return self.load(split, source)
+
+
+_REGISTRY: dict[str, Task] = {}
+# Modules that register tasks on import; imported lazily so that `import kl_lib.tasks` stays light.
+_PROVIDERS = ("kl_lib.tasks.arithmetic", "kl_lib.tasks.countdown", "kl_lib.tasks.hub")
+
+
+def register(task: Task) -> Task:
+    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load_providers() -> None:
+    for module in _PROVIDERS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a provider that exists but fails to import is a real error
+                raise
+
+
+def task_names() -> list[str]:
+    _load_providers()
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``; the error lists the known tasks."""
+    if name not in _REGISTRY:
+        _load_providers()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(map(repr, sorted(_REGISTRY)))}")
+    return _REGISTRY[name]

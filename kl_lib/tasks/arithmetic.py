@@ -28,22 +28,15 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
 from kl_lib.runs import atomic_write
+from kl_lib.tasks import Problem, Task, register
 
 __all__ = ["Problem", "SKILLS", "SPLITS", "make_problem", "generate_split", "write_splits", "load_split",
            "load_dataset_split", "parse_answer", "reward"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    skill: str
-    prompt: str  # the user message, e.g. "123+456="
-    answer: str  # the reference answer, e.g. "579"
 
 
 def _add(rng: random.Random, lo_a: int, hi_a: int, lo_b: int, hi_b: int) -> tuple[str, int]:
@@ -165,6 +158,17 @@ def reward(response: str, answer: str, finished: bool = True) -> float:
         return float(value is not None and value == int(answer))
     except (TypeError, ValueError):
         return 0.0
+
+
+DEFAULT_DIR = "data/arithmetic"
+
+TASK = register(Task(
+    name="arithmetic",
+    load=lambda split, source: load_split(Path(source or DEFAULT_DIR) / f"{split}.jsonl"),
+    reward=lambda response, problem, finished: reward(response, problem.answer, finished),
+    description="3-digit addition (in-domain) and subtraction (out-of-domain) for the tiny SFT model",
+    default_source=DEFAULT_DIR,
+))
 
 
 def main(argv: list[str] | None = None) -> None:

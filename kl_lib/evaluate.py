@@ -27,7 +27,7 @@ import torch
 
 from kl_lib.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.runs import write_json
-from kl_lib.tasks.arithmetic import Problem, load_split, reward
+from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
 __all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path",
            "load_checkpoint_model", "evaluate_run"]
@@ -41,6 +41,8 @@ class EvalSettings:
     seed: int = 1234
     batch_size: int = 512
     splits: tuple[str, ...] = ("id_test", "ood_test")
+    task: str = "arithmetic"
+    """The registered task whose splits and reward are used (``kl_lib.tasks``)."""
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -60,16 +62,17 @@ def _encode(tokenizer, problems: list[Problem], device) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _score(tokenizer, problems: list[Problem], responses: torch.Tensor) -> list[float]:
+def _score(tokenizer, problems: list[Problem], responses: torch.Tensor, task: Task) -> list[float]:
     out = []
     for p, row in zip(problems, responses):
         finished = bool((row == tokenizer.eos_token_id).any())
-        out.append(reward(tokenizer.decode(row, skip_special_tokens=True), p.answer, finished))
+        out.append(task.reward(tokenizer.decode(row, skip_special_tokens=True), p, finished))
     return out
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int = 6, batch_size: int = 512) -> float:
+def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int = 6, batch_size: int = 512,
+                    task: str = "arithmetic") -> float:
     """Fraction of problems whose greedy completion earns reward 1."""
     model.eval()
     device = next(model.parameters()).device
@@ -79,7 +82,7 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: i
         enc = _encode(tokenizer, batch, device)
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
-        scores += _score(tokenizer, batch, out[:, enc["input_ids"].shape[1]:])
+        scores += _score(tokenizer, batch, out[:, enc["input_ids"].shape[1]:], get_task(task))
     return sum(scores) / max(len(scores), 1)
 
 
@@ -89,6 +92,7 @@ def evaluate_model(model, tokenizer, problems: list[Problem], settings: EvalSett
     """Greedy accuracy, pass@1 and pass@k (k = 1, 2, 4, …, n) over ``problems``, overall and per skill."""
     model.eval()
     device = next(model.parameters()).device
+    task = get_task(settings.task)
     n = settings.num_samples
     greedy, correct = [], []
     gen = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -101,10 +105,10 @@ def evaluate_model(model, tokenizer, problems: list[Problem], settings: EvalSett
             enc = _encode(tokenizer, batch, device)
             width = enc["input_ids"].shape[1]
             out = model.generate(**enc, do_sample=False, **gen)
-            greedy += _score(tokenizer, batch, out[:, width:])
+            greedy += _score(tokenizer, batch, out[:, width:], task)
             out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  num_return_sequences=n, **gen)
-            scores = _score(tokenizer, [p for p in batch for _ in range(n)], out[:, width:])
+            scores = _score(tokenizer, [p for p in batch for _ in range(n)], out[:, width:], task)
             correct += [int(sum(scores[i * n: (i + 1) * n])) for i in range(len(batch))]
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
 
@@ -144,13 +148,13 @@ def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Pat
                   settings: EvalSettings = EvalSettings(), device: str | torch.device = "cpu") -> dict[str, Any]:
     """Evaluate a model directory on the settings' splits, cached in the JSON file ``cache``."""
     cache = Path(cache)
-    key = f"{model_digest(model_path)}-{settings.key()}"
+    splits = _load_splits(settings, data_dir)
+    key = f"{model_digest(model_path)}-{settings.key()}-{_data_key(splits)}"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
         return cached
     model, tokenizer = load_for_eval(model_path, device)
-    results = {split: evaluate_model(model, tokenizer, load_split(Path(data_dir) / f"{split}.jsonl"), settings)
-               for split in settings.splits}
+    results = {split: evaluate_model(model, tokenizer, problems, settings) for split, problems in splits.items()}
     record = {"key": key, "model": str(model_path), "settings": asdict(settings), "results": results}
     write_json(cache, record)
     return json.loads(cache.read_text())  # the same object a cache hit returns
@@ -183,6 +187,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, settings: EvalSettin
     or the settings change.
     """
     run_dir = Path(run_dir)
+    splits = _load_splits(settings, data_dir)
     cache_path = run_dir / "eval.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     out: dict[str, Any] = {}
@@ -193,16 +198,24 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, settings: EvalSettin
     targets += [(ckpt.name, ckpt) for ckpt in checkpoints]
     for name, path in targets:
         weights = model_digest(path) if name == "final" else _file_digest(path / "state.pt")
-        key = f"{weights}-{settings.key()}"
+        key = f"{weights}-{settings.key()}-{_data_key(splits)}"
         if cache.get(name, {}).get("key") == key:
             out[name] = cache[name]
             continue
         model, tokenizer = load_for_eval(path, device) if name == "final" else load_checkpoint_model(run_dir, path, device)
-        results = {split: evaluate_model(model, tokenizer, load_split(Path(data_dir) / f"{split}.jsonl"), settings)
-                   for split in settings.splits}
+        results = {split: evaluate_model(model, tokenizer, problems, settings) for split, problems in splits.items()}
         out[name] = {"key": key, "model": str(path), "settings": asdict(settings), "results": results}
     write_json(cache_path, out)
     return json.loads(cache_path.read_text())
+
+
+def _load_splits(settings: EvalSettings, data_dir: str | Path | None) -> dict[str, list[Problem]]:
+    task = get_task(settings.task)
+    return {split: task.load_split(split, str(data_dir) if data_dir else None) for split in settings.splits}
+
+
+def _data_key(splits: dict[str, list[Problem]]) -> str:
+    return hashlib.sha256("".join(problems_digest(p) for p in splits.values()).encode()).hexdigest()[:12]
 
 
 def _file_digest(path: str | Path) -> str:

@@ -22,7 +22,7 @@ import yaml
 
 from kl_lib.config import KLConfig
 
-__all__ = ["RLConfig", "ADVANTAGES", "POLICY_LOSSES", "FINETUNES", "load_config", "apply_overrides"]
+__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "RLConfig", "apply_overrides", "load_config"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
@@ -30,15 +30,19 @@ FINETUNES = ("full", "lora")
 AGGREGATIONS = ("sum", "token_mean")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
+ROLLOUT_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
 class RLConfig:
     # ---- what is trained, on what
     model: str = "data/models/tiny-base"
-    """Model directory or hub name (anything ``AutoModelForCausalLM.from_pretrained`` loads)."""
-    data_dir: str = "data/arithmetic"
-    """Directory holding the task splits ``rl_train.jsonl``, ``id_test.jsonl``, ``ood_test.jsonl``."""
+    """Model directory, hub name or preset name (``kl_lib.presets``, e.g. ``smollm2-135m-instruct``)."""
+    task: str = "arithmetic"
+    """Registered task (``kl_lib.tasks``): ``arithmetic``, ``countdown``, ``math``, ``gsm8k``, ..."""
+    data_dir: str = ""
+    """Where the task's data lives (a local directory); empty = the task's default (``data/<task>`` or its hub
+    dataset)."""
     seed: int = 0
     """Seeds prompt order, sampling and LoRA initialisation; a run is deterministic from it on CPU."""
     steps: int = 100
@@ -52,6 +56,15 @@ class RLConfig:
     """Generation budget; responses that do not end within it are truncated and score 0."""
     temperature: float = 1.0
     """Sampling temperature (the paper samples at 1.0). Log-probs are of the tempered distribution."""
+    rollout_backend: str = "transformers"
+    """``transformers`` (``generate``, any device) or ``vllm`` (GPU only, optional extra; weights synced from the
+    trainer before each rollout)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM only: fraction of GPU memory vLLM may take (the trainer needs the rest)."""
+    rollout_shards: int = 0
+    """Rollouts are sampled in this many chunks of prompts, each with its own seed (0 = one per process). Fixing
+    it makes a run's samples independent of the number of processes: a 2-process run with ``rollout_shards=2``
+    trains on exactly the batches of a 1-process run with ``rollout_shards=2``."""
     # ---- objective
     advantage: str = "rloo"
     """``rloo`` (leave-one-out baseline, the paper's), ``grpo`` ((R − mean)/std) or ``drgrpo`` (R − mean)."""
@@ -76,6 +89,8 @@ class RLConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """LoRA target module names."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute); for large models."""
     lr: float = 1e-4
     """AdamW learning rate (constant)."""
     weight_decay: float = 0.0
@@ -108,10 +123,19 @@ class RLConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        from kl_lib.tasks import task_names
+
+        _choice("task", self.task, tuple(task_names()))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"RLConfig.gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
+        if not _is_real(self.vllm_gpu_memory_utilization) or not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r} must be "
+                             "in (0, 1)")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
                      "lora_rank", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("seed", "async_lag", "keep_checkpoints"):
+        for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards"):
             _nonnegative_int(name, getattr(self, name))
         for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
             _positive_float(name, getattr(self, name))
@@ -127,6 +151,9 @@ class RLConfig:
         if self.policy_loss == "reinforce" and (self.ppo_epochs > 1 or self.ppo_minibatches > 1):
             raise ValueError("RLConfig.ppo_epochs/ppo_minibatches > 1 need policy_loss='ppo' "
                              "(REINFORCE is only valid for one on-policy update per batch)")
+        if self.rollout_shards and self.prompts_per_step % self.rollout_shards:
+            raise ValueError(f"RLConfig.rollout_shards={self.rollout_shards} must divide "
+                             f"prompts_per_step={self.prompts_per_step}")
         if self.name and ("/" in self.name or self.name.startswith(".")):
             raise ValueError(f"RLConfig.name={self.name!r} must be a plain directory name")
 

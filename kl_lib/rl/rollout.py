@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "generate", "token_logprobs", "response_mask"]
+__all__ = ["Rollout", "concat_rollouts", "generate", "response_mask", "token_logprobs"]
 
 
 @dataclass
@@ -91,6 +91,24 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished,
                    logp.masked_fill(~mask, 0.0), texts)
+
+
+def concat_rollouts(rolls: list[Rollout], response_width: int, pad_token_id: int) -> Rollout:
+    """Stack rollouts of the same prompt width ``P``, padding each response to ``response_width`` columns.
+
+    Padding columns are masked (pad token, log-prob 0); with a fixed width the batch's layout does not depend on
+    how it was cut into shards.
+    """
+    def pad(t: Tensor, value) -> Tensor:
+        return torch.nn.functional.pad(t, (0, response_width - t.shape[1]), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([r.prompt_ids for r in rolls]), prompt_mask=torch.cat([r.prompt_mask for r in rolls]),
+        response_ids=torch.cat([pad(r.response_ids, pad_token_id) for r in rolls]),
+        response_mask=torch.cat([pad(r.response_mask, False) for r in rolls]),
+        finished=torch.cat([r.finished for r in rolls]),
+        behavior_logp=torch.cat([pad(r.behavior_logp, 0.0) for r in rolls]),
+        texts=[t for r in rolls for t in r.texts])
 
 
 def _shared_prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:

@@ -108,7 +108,7 @@ def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None) -> dict[
     try:
         result = train(cfg, progress=False)
         if settings is not None and result.status in ("done", "skipped"):
-            evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**settings))
+            evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**{**settings, "task": cfg.task}))
         return {"name": cfg.run_name(), "status": result.status, "steps": result.steps_completed,
                 "seconds": time.time() - start}
     except Exception as err:  # noqa: BLE001 — one broken run must not stop the sweep; it is reported
@@ -164,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         for c in configs:
             print(f"  {c.run_name():40s} {c.digest()}")
         return 0
+    tasks = sorted({(c.task, c.data_dir) for c in configs})
+    if len(tasks) > 1:
+        print(f"error: a sweep trains on one task; found {tasks}", file=sys.stderr)
+        return 2
+    task, data_dir = tasks[0]
+    settings = dataclasses.replace(settings, task=task)
     for model in sorted({c.model for c in configs}):  # the base model, evaluated like the runs
         for runs_dir in runs_dirs:
-            evaluate_path(model, configs[0].data_dir, Path(runs_dir) / "base_eval.json", settings)
+            evaluate_path(model, data_dir, Path(runs_dir) / "base_eval.json", settings)
     results = run_sweep(configs, jobs=args.jobs, settings=settings)
     for runs_dir in runs_dirs:
         write_json(Path(runs_dir) / "sweep.json", {"sweep": args.sweep, "smoke": args.smoke, "runs": results})

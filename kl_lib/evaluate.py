@@ -43,6 +43,8 @@ class EvalSettings:
     splits: tuple[str, ...] = ("id_test", "ood_test")
     task: str = "arithmetic"
     """The registered task whose splits and reward are used (``kl_lib.tasks``)."""
+    temperature: float = 1.0
+    """Sampling temperature of pass@k (the paper evaluates at 1.0)."""
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -106,7 +108,7 @@ def evaluate_model(model, tokenizer, problems: list[Problem], settings: EvalSett
             width = enc["input_ids"].shape[1]
             out = model.generate(**enc, do_sample=False, **gen)
             greedy += _score(tokenizer, batch, out[:, width:], task)
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            out = model.generate(**enc, do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0,
                                  num_return_sequences=n, **gen)
             scores = _score(tokenizer, [p for p in batch for _ in range(n)], out[:, width:], task)
             correct += [int(sum(scores[i * n: (i + 1) * n])) for i in range(len(batch))]

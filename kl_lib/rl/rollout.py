@@ -144,8 +144,11 @@ def token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids:
     attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     P = prompt_ids.shape[1]
+    # Gradient checkpointing (in training mode, with grad) drops KV caches, so the shared prompt pass is off there.
+    checkpointing = torch.is_grad_enabled() and model.training and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     with _autocast(model, autocast_dtype):
-        if _shared_prompt_groups(prompt_ids, prompt_mask, group_size):
+        if not checkpointing and _shared_prompt_groups(prompt_ids, prompt_mask, group_size):
             G = group_size
             prompt_out = model(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(),
                                position_ids=position_ids[::G, :P], use_cache=True)

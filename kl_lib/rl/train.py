@@ -130,10 +130,10 @@ def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, to
 
 
 def _check_model(cfg: RLConfig) -> None:
-    """Fail before any compute when a local model directory is missing."""
-    model = Path(cfg.model)
-    if (cfg.model.startswith((".", "/")) or model.parts[:1] in (("data",), ("runs",))) and not model.exists():
-        raise FileNotFoundError(f"model directory {model} is missing; build it with `make base-model`")
+    """Fail before any compute when the model is neither a directory, a preset nor a hub id (or is missing)."""
+    from kl_lib.presets import resolve
+
+    resolve(cfg.model)  # FileNotFoundError for a missing local directory, ValueError for a malformed name
     if cfg.rollout_backend == "vllm":
         from kl_lib.rl import vllm_backend
 
@@ -150,7 +150,7 @@ def run_identity(cfg: RLConfig, problems: list[Problem] | None = None) -> str:
 
     if problems is None:
         problems = get_task(cfg.task).load_split("rl_train", cfg.data_dir or None)
-    model = Path(cfg.model)
+    model = Path(_model_source(cfg.model))  # a preset's local cache is hashed like any model directory
     parts = [cfg.digest(), model_digest(model) if model.is_dir() else cfg.model, problems_digest(problems)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
@@ -168,14 +168,17 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def _model_source(name: str) -> str:
     """The directory or hub id that ``from_pretrained`` (and vLLM) load for a model name or preset."""
-    from kl_lib.presets import resolve
+    from kl_lib.models import model_source
 
-    return resolve(name)[0]
+    return model_source(name)[0]
 
 
 def _build_models(cfg: RLConfig, device: torch.device):
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_model(cfg.model, device=device)
+    # LoRA trains float32 adapters on a frozen base, which may be stored in the preset's GPU dtype (bf16): it is
+    # also the reference. Full fine-tuning keeps float32 master weights (autocast to bf16 on GPUs).
+    policy = load_model(cfg.model, device=device, dtype="auto" if cfg.finetune == "lora" else torch.float32,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -186,10 +189,6 @@ def _build_models(cfg: RLConfig, device: torch.device):
         ref = None  # the reference is the same model with its adapters disabled
     else:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.finetune == "lora":
-            policy.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad input
     policy.train()
     sampler = None
     if cfg.async_lag:

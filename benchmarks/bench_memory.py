@@ -1,8 +1,11 @@
-"""Peak memory of LoRA training with a reference against LoRA training without one (issue target: ≤ 5 % more).
+"""Peak memory of LoRA training with a reference against LoRA training without one (issue target: ≤ 5 % more);
+with ``--vocab``, the full-vocabulary cost of a training step, whole batch against micro-batches.
 
     python benchmarks/bench_memory.py [--steps 2] [--repeats 2] [--hidden-size 512] [--num-layers 8]
         [--intermediate-size 1536] [--prompts 4] [--group-size 4] [--max-new-tokens 6] [--threads 1]
         [--configs trainer_lora_ref,loop_lora_noref,...] [--out runs/benchmarks/memory.json]
+    python benchmarks/bench_memory.py --vocab [--vocab-size 49152] [--batch-prompts 2,4] [--group-size 4]
+        [--max-new-tokens 32] [--estimator k3] [--pythonpath DIR] [--out runs/benchmarks/memory_vocab.json]
 
 With LoRA our trainer's reference is the policy itself with its adapters disabled
 (``kl_lib.rl.train._reference``), so a reference should cost no second copy of the weights, only the
@@ -46,6 +49,22 @@ The model is a random Llama (``kl_lib.models.save_untrained_model``): 512 hidden
 ≈ 27 M parameters ≈ 104 MiB in fp32, the largest single item in a LoRA run on this small batch (4 prompts × 4
 samples × 6 tokens, ~90 MiB of activations), so a second copy of the weights would add ~20 % to the LoRA
 run's peak, four times the 5 % target.
+
+**``--vocab``: bytes per response token × vocabulary entry.** The trainer's step (full fine-tuning, frozen-copy
+reference, ``--estimator`` in the loss, GRPO) on a random Llama with a large vocabulary and a tiny body
+(``--vocab-size 49152``, SmolLM2's; 64 hidden, 2 layers), so that the ``(B, R, V)`` tensors dominate. Two
+configurations, each in a fresh process per batch size (``--batch-prompts`` prompts × ``--group-size``):
+
+    vocab_micro0   micro_batch_size = 0, the whole batch in one forward/backward pass
+    vocab_microG   micro_batch_size = group_size, one prompt group per pass
+
+Each step's peak is taken in two windows (peak reset at each boundary): the rollout (``generate``) and the
+update (from the end of ``generate`` to the next one: reference, policy forward/backward, optimizer, logging).
+Reported for the last step (AdamW state already allocated): the update's peak above its start, divided by
+B·R·V (R the padded response width), and the slope of that over the batch sizes, Δ bytes / Δ(B·R·V), in which
+everything per-parameter (gradients) cancels: the marginal cost of one more response token × vocab entry.
+``--pythonpath DIR`` puts DIR first on the children's path, to measure another version of ``kl_lib`` (e.g.
+``git archive HEAD kl_lib | tar -x -C DIR``; versions before ``micro_batch_size`` run ``vocab_micro0`` only).
 """
 
 from __future__ import annotations
@@ -68,6 +87,7 @@ from typing import Any
 
 CONFIGS = ("trainer_lora_ref", "loop_lora_ref", "loop_lora_noref", "trainer_full_ref", "loop_full_ref",
            "loop_full_noref")
+VOCAB_CONFIGS = ("vocab_micro0", "vocab_microG")
 BETA = 0.04
 # glibc keeps freed blocks below its (dynamic) mmap threshold for reuse, so resident memory would reflect the
 # allocator's history as much as live tensors (±40 MiB run to run here). A fixed threshold of 64 KiB maps every
@@ -241,6 +261,154 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def child_vocab(args: argparse.Namespace) -> dict[str, Any]:
+    """One trainer run on the large-vocabulary model; peaks of the rollout and update windows of every step."""
+    import torch
+
+    import kl_lib.rl.train as rl_train
+    from kl_lib.config import KLConfig
+    from kl_lib.rl.config import RLConfig
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    probe = Probe(cuda)
+    micro = {"micro_batch_size": args.group_size} if args.child == "vocab_microG" else {}
+    cfg = RLConfig(model=args.model_dir, data_dir=args.data_dir, seed=0, steps=args.steps,
+                   prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                   advantage="grpo", kl=KLConfig(args.estimator, "loss", beta=BETA), finetune="full",
+                   checkpoint_every=10**9, device=device.type, dtype="float32", runs_dir=args.runs_dir,
+                   name=args.child, **micro)
+    windows: list[dict[str, float]] = []  # one per step: rollout and update peaks, and where each began
+    loader, build, save, generate = rl_train.load_model, rl_train._build_models, rl_train._save_checkpoint, \
+        rl_train.generate
+
+    def load_resident(*a, **kw):  # as in child(): weights in anonymous memory, so that they count like on a GPU
+        model = loader(*a, **kw)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
+        return model
+
+    def build_then_reset(*a, **kw):
+        built = build(*a, **kw)
+        probe.reset_peak()
+        return built
+
+    def end_update() -> None:
+        if windows:
+            windows[-1]["update_peak_mib"] = probe.peak_mib()
+
+    def measured_generate(*a, **kw):
+        end_update()
+        windows.append({"rollout_start_mib": probe.current_mib()})
+        probe.reset_peak()
+        roll = generate(*a, **kw)
+        windows[-1].update(rollout_peak_mib=probe.peak_mib(), update_start_mib=probe.current_mib(),
+                           batch=roll.response_ids.shape[0], response_width=roll.response_ids.shape[1])
+        probe.reset_peak()
+        return roll
+
+    def end_then_save(*a, **kw):
+        end_update()
+        return save(*a, **kw)
+
+    rl_train.load_model = load_resident
+    rl_train._build_models, rl_train._save_checkpoint, rl_train.generate = build_then_reset, end_then_save, \
+        measured_generate
+    t = time.perf_counter()
+    result = rl_train.train(cfg, progress=False)
+    if not cuda and any(w.get("update_peak_mib") is None for w in windows):
+        raise RuntimeError("the final checkpoint was not saved: the last update's peak is missing")
+    return {"config": args.child, "device": device.type, "status": result.status,
+            "train_s": time.perf_counter() - t, "windows": windows,
+            "vocab_size": args.vocab_size, "prompts": args.prompts, "group_size": args.group_size}
+
+
+def _save_vocab_model(out_dir: Path, args: argparse.Namespace) -> None:
+    """A random Llama with the arithmetic tokenizer and ``--vocab-size`` output rows (ids past the tokenizer's
+    decode to nothing: such responses score 0, and almost none ends early, so R = max_new_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kl_lib.models import build_tokenizer, tiny_llama_config
+
+    tokenizer = build_tokenizer()
+    config = tiny_llama_config(args.vocab_size, hidden_size=args.vocab_hidden_size, num_layers=2, num_heads=4,
+                               intermediate_size=4 * args.vocab_hidden_size, max_positions=256,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def main_vocab(args: argparse.Namespace) -> int:
+    from kl_lib.runs import environment_info, write_json
+    from kl_lib.tasks.arithmetic import write_splits
+
+    configs = args.configs.split(",") if args.configs else list(VOCAB_CONFIGS)
+    prompts = [int(x) for x in args.batch_prompts.split(",")]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory(prefix="bench_memory_vocab_") as tmp:
+        tmp = Path(tmp)
+        write_splits(tmp / "data", seed=0, sizes={"sft": 1})
+        _save_vocab_model(tmp / "model", args)
+        for name in configs:
+            for n in prompts:
+                m = _run_child(name, argparse.Namespace(**{**vars(args), "prompts": n}), tmp)
+                last = m["windows"][-1]
+                entries = last["batch"] * last["response_width"] * args.vocab_size
+                m["last_step"] = {
+                    "entries": entries,
+                    "update_added_mib": last["update_peak_mib"] - last["update_start_mib"],
+                    "rollout_added_mib": last["rollout_peak_mib"] - last["rollout_start_mib"],
+                }
+                m["last_step"]["update_bytes_per_entry"] = m["last_step"]["update_added_mib"] * 2**20 / entries
+                m["last_step"]["rollout_bytes_per_entry"] = m["last_step"]["rollout_added_mib"] * 2**20 / entries
+                runs[name].append(m)
+                s = m["last_step"]
+                print(f"  {name:13s} B={last['batch']:3d} R={last['response_width']} V={args.vocab_size}: update "
+                      f"+{s['update_added_mib']:7.1f} MiB = {s['update_bytes_per_entry']:5.1f} B/entry, rollout "
+                      f"+{s['rollout_added_mib']:6.1f} MiB = {s['rollout_bytes_per_entry']:4.1f} B/entry; update peak "
+                      f"{last['update_peak_mib']:7.1f} MiB ({m['train_s']:.1f} s)", flush=True)
+
+    def slope(rs: list[dict[str, Any]], key: str) -> float | None:
+        """Δ peak / Δ(B·R·V) between the smallest and the largest batch, in bytes per entry."""
+        a, b = rs[0], rs[-1]
+        d = b["last_step"]["entries"] - a["last_step"]["entries"]
+        return (b["windows"][-1][key] - a["windows"][-1][key]) * 2**20 / d if d else None
+
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "batch": [r["windows"][-1]["batch"] for r in rs],
+            "step_peak_mib": [max(r["windows"][-1]["update_peak_mib"], r["windows"][-1]["rollout_peak_mib"])
+                              for r in rs],
+            "update_peak_mib": [r["windows"][-1]["update_peak_mib"] for r in rs],
+            "rollout_peak_mib": [r["windows"][-1]["rollout_peak_mib"] for r in rs],
+            "update_bytes_per_entry": [r["last_step"]["update_bytes_per_entry"] for r in rs],
+            "update_peak_slope_bytes_per_entry": slope(rs, "update_peak_mib"),
+            "rollout_peak_slope_bytes_per_entry": slope(rs, "rollout_peak_mib"),
+        }
+        s = summary[name]
+        peaks = ", ".join(f"B={b}: {u:.0f}" for b, u in zip(s["batch"], s["update_peak_mib"]))
+        print(f"{name:13s} update peak {peaks} MiB; marginal bytes per response token × vocab entry: update "
+              f"{s['update_peak_slope_bytes_per_entry'] or float('nan'):.1f}, rollout "
+              f"{s['rollout_peak_slope_bytes_per_entry'] or float('nan'):.1f}")
+    write_json(args.out, {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                    "child_env": {**CHILD_ENV, "OMP_NUM_THREADS": str(args.threads)}},
+        "environment": environment_info(packages=("torch", "transformers", "kl_lib")),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "child", "model_dir", "data_dir",
+                                                                       "runs_dir")} | {"beta": BETA},
+        "summary": summary, "runs": runs,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The parent: every configuration in a fresh process
 # ------------------------------------------------------------------------------------------------------------
@@ -251,7 +419,11 @@ def _run_child(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
            str(tmp / "data"), "--runs-dir", str(tmp / f"runs-{name}"), "--steps", str(args.steps),
            "--prompts", str(args.prompts), "--group-size", str(args.group_size),
            "--max-new-tokens", str(args.max_new_tokens)]
+    if name in VOCAB_CONFIGS:
+        cmd += ["--vocab-size", str(args.vocab_size), "--estimator", args.estimator]
     env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(args.threads)}
+    if args.pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([args.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -262,28 +434,45 @@ def _run_child(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", action="store_true",
+                        help="measure the full-vocabulary cost, micro_batch_size 0 vs group_size (see above)")
+    parser.add_argument("--vocab-size", type=int, default=49152, help="--vocab: output rows of the model")
+    parser.add_argument("--vocab-hidden-size", type=int, default=64, help="--vocab: hidden size of the model")
+    parser.add_argument("--batch-prompts", default="2,4", help="--vocab: prompts per step, one run each")
+    parser.add_argument("--estimator", default="k3", help="--vocab: KL estimator in the loss")
+    parser.add_argument("--pythonpath", default="", help="prepended to the children's PYTHONPATH")
     parser.add_argument("--steps", type=int, default=2, help="training steps per configuration")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (order alternates)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 6 (--vocab: 32)")
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--intermediate-size", type=int, default=1536)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (memory, not speed)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    parser.add_argument("--out", default="runs/benchmarks/memory.json")
+    parser.add_argument("--configs", default="", help=f"comma-separated subset of {', '.join(CONFIGS)} "
+                        f"(--vocab: of {', '.join(VOCAB_CONFIGS)})")
+    parser.add_argument("--out", default=None, help="default runs/benchmarks/memory.json (--vocab: memory_vocab.json)")
     # internal: run one configuration and print its measurements as JSON
-    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=CONFIGS + VOCAB_CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--runs-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32 if args.vocab or args.child in VOCAB_CONFIGS else 6
     if args.child:
-        print(json.dumps(child(args)))
+        print(json.dumps(child_vocab(args) if args.child in VOCAB_CONFIGS else child(args)))
         return 0
+    if args.out is None:
+        args.out = "runs/benchmarks/memory_vocab.json" if args.vocab else "runs/benchmarks/memory.json"
+    if args.vocab:
+        unknown = set(args.configs.split(",") if args.configs else []) - set(VOCAB_CONFIGS)
+        if unknown:
+            parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(VOCAB_CONFIGS)}")
+        return main_vocab(args)
 
-    configs = args.configs.split(",")
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")

@@ -1,5 +1,6 @@
 """The RL engine on a tiny random Llama saved and loaded like a hub model: rollouts, the KL gradient of every
-configuration on a real LM against DESIGN.md's per-token formula, resumption, divergence, LoRA and off-policy."""
+configuration on a real LM against DESIGN.md's per-token formula, resumption, divergence, LoRA, off-policy and
+micro-batches (the same run in passes of one prompt group)."""
 
 import dataclasses
 import json
@@ -7,10 +8,16 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from kl_lib import objectives
+from kl_lib import objectives, tasks
 from kl_lib.config import KLConfig
-from kl_lib.models import format_prompt, load_model, load_tokenizer, save_untrained_model
+from kl_lib.models import (
+    format_prompt,
+    load_model,
+    load_tokenizer,
+    save_untrained_model,
+)
 from kl_lib.rl.config import RLConfig, load_config
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
 from kl_lib.rl.train import compute_advantages, run_identity, train
@@ -30,10 +37,9 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, **kw):
     root, model_dir = tiny
-    base = dict(model=str(model_dir), data_dir=str(root / "data"), steps=3, prompts_per_step=4, group_size=2,
-                max_new_tokens=4, lr=1e-3, runs_dir=str(root / "runs"), checkpoint_every=2)
-    base.update(kw)
-    return RLConfig(**base)
+    base = {"model": str(model_dir), "data_dir": str(root / "data"), "steps": 3, "prompts_per_step": 4,
+            "group_size": 2, "max_new_tokens": 4, "lr": 1e-3, "runs_dir": str(root / "runs"), "checkpoint_every": 2}
+    return RLConfig(**{**base, **kw})
 
 
 def _prompts(tokenizer, texts):
@@ -240,6 +246,20 @@ def test_config_validation_names_the_field():
     cfg = load_config(None, ["kl.estimator=k3", "kl.placement=loss", "steps=7", "finetune=lora"])
     assert cfg.kl.estimator == "k3" and cfg.steps == 7 and cfg.run_name() == "k3-loss-b0.1-lora-s0"
     assert dataclasses.replace(cfg, name="x").digest() == cfg.digest()
+    # micro-batches change how the gradient is computed, not what it is: same digest, so a finished run is kept
+    assert dataclasses.replace(cfg, micro_batch_size=4).digest() == cfg.digest()
+
+
+def test_micro_batch_size_must_cut_updates_into_whole_prompt_groups():
+    with pytest.raises(ValueError, match=r"micro_batch_size=3 must be a multiple of group_size=2 .* one of \[2, 4, 8\]"):
+        RLConfig(prompts_per_step=4, group_size=2, micro_batch_size=3)
+    with pytest.raises(ValueError, match=r"micro_batch_size=8 .* divides the 4 sequences of each update"):
+        RLConfig(prompts_per_step=4, group_size=2, policy_loss="ppo", ppo_minibatches=2, micro_batch_size=8)
+    with pytest.raises(ValueError, match="or fewer ppo_minibatches"):  # no micro-batch fits 8 / 4 = 2 sequences
+        RLConfig(prompts_per_step=2, group_size=4, policy_loss="ppo", ppo_minibatches=4, micro_batch_size=4)
+    with pytest.raises(ValueError, match="RLConfig.micro_batch_size=-2 must be an integer ≥ 0"):
+        RLConfig(micro_batch_size=-2)
+    assert RLConfig(prompts_per_step=4, group_size=2, micro_batch_size=4).micro_batch_size == 4
 
 
 def test_missing_model_or_data_fails_before_compute(tiny, tmp_path):
@@ -251,7 +271,6 @@ def test_missing_model_or_data_fails_before_compute(tiny, tmp_path):
 
 def test_run_identity_follows_the_base_model_and_the_data(tiny, tmp_path):
     """A finished run is reused only if its config, base-model weights and training prompts are unchanged."""
-    root, model_dir = tiny
     cfg = _cfg(tiny)
     other_model = save_untrained_model(tmp_path / "other", seed=1, hidden_size=32, num_layers=2, num_heads=2,
                                        intermediate_size=64)
@@ -304,3 +323,87 @@ def test_gradient_checkpointing_makes_the_same_updates(tiny, finetune):
     for plain, ckpt in zip(runs[False], runs[True]):
         for key in ("loss/total", "grad/norm", "kl/k1", "policy/entropy"):
             assert ckpt[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Micro-batches: the same run, computed in passes of one prompt group
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_token_only_logprobs_match_the_full_path(tiny):
+    """``full=False`` (logits[y] − logsumexp, no (B, R, V) log-softmax) gives the full path's log π and gradients,
+    and both give those of the plain computation (all positions' logits, out-of-place temperature)."""
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    ids, mask = _prompts(tokenizer, [t for t in ["1+2=", "123+456=", "99-7="] for _ in range(2)])
+    roll = generate(model, tokenizer, ids, mask, max_new_tokens=5, temperature=0.7, seed=2, group_size=2)
+    args = (roll.prompt_ids, roll.prompt_mask, roll.response_ids, roll.response_mask, 0.7)
+    w = torch.randn(roll.response_ids.shape, generator=torch.Generator().manual_seed(0)) * roll.response_mask
+    model.train()
+    attention = torch.cat([roll.prompt_mask, roll.response_mask.long()], 1)
+    P = roll.prompt_ids.shape[1]
+    logits = model(input_ids=torch.cat([roll.prompt_ids, roll.response_ids], 1), attention_mask=attention,
+                   position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).logits[:, P - 1: -1] / 0.7
+    plain = torch.log_softmax(logits, -1).gather(-1, roll.response_ids.unsqueeze(-1)).squeeze(-1)
+    plain = (plain.detach(), torch.autograd.grad((w * plain).sum(), list(model.parameters())))
+    for group_size in (1, 2):  # the forward with logits_to_keep, and the shared prompt pass
+        out = {None: plain}
+        for full in (True, False):
+            logp, logprobs = token_logprobs(model, *args, group_size=group_size, full=full)
+            assert (logprobs is None) == (not full)
+            out[full] = (logp.detach(), torch.autograd.grad((w * logp).sum(), list(model.parameters())))
+        for full in (True, False):
+            torch.testing.assert_close(out[full][0], out[None if full else True][0], atol=1e-6, rtol=0)
+            for a, b in zip(out[full][1], out[None if full else True][1]):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _digit_reward(response, problem, finished):
+    """The share of digits in the response: an untrained model earns it in varying amounts, so the policy
+    gradient is not zero and every update is a real one (with the arithmetic reward, all zero, it would be
+    AdamW's normalisation of the KL term alone)."""
+    return sum(c.isdigit() for c in response) / max(1, len(response))
+
+
+PPO = {"policy_loss": "ppo", "ppo_epochs": 2, "ppo_minibatches": 2}
+MICRO_CASES = {
+    "reinforce-k1-reward": {"kl": KLConfig("k1", "reward", beta=0.2)},
+    "reinforce-k3-loss-token_mean": {"kl": KLConfig("k3", "loss", beta=0.2), "aggregation": "token_mean"},
+    "reinforce-analytic-loss": {"kl": KLConfig("analytic", "loss", beta=0.2)},
+    "ppo-k1-reward-lag": {**PPO, "kl": KLConfig("k1", "reward", beta=0.2), "async_lag": 1},
+    "ppo-k3-loss": {**PPO, "kl": KLConfig("k3", "loss", beta=0.2, importance_weighting="token")},
+    "ppo-analytic-loss-epochs": {**PPO, "ppo_minibatches": 1, "kl": KLConfig("analytic", "loss", beta=0.2)},
+    "ppo-analytic-loss": {**PPO, "kl": KLConfig("analytic", "loss", beta=0.2)},
+}
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("case", list(MICRO_CASES))
+def test_micro_batches_give_the_same_run(tiny, monkeypatch, finetune, case):
+    """micro_batch_size = group_size (passes of one prompt group, gradients accumulated, statistics added up)
+    logs the same metrics and ends with the same weights as the whole batch at once.
+
+    Equal up to float32 rounding: other matrix shapes change the last bits of each log-prob (~1e-7), and KL
+    values of 1e-4 are sums of differences of such log-probs, hence the absolute floor of 1e-6 (the one the
+    checkpointing and two-process tests use). The largest differences seen: 4e-7 on a metric (PPO's loss/kl, a
+    k1 coefficient times Σ log π), 1e-7 on the weights."""
+    digits = tasks.Task("digits", load=tasks.get_task("arithmetic").load, reward=_digit_reward)
+    monkeypatch.setitem(tasks._REGISTRY, "digits", digits)
+    runs = {}
+    for micro in (0, 2):
+        cfg = _cfg(tiny, steps=2, task="digits", finetune=finetune, micro_batch_size=micro, lr=5e-4,
+                   name=f"micro-{case}-{finetune}-{micro}", **MICRO_CASES[case])
+        result = train(cfg, progress=False)
+        assert result.status == "done"
+        runs[micro] = (_strip_times(_metrics(result.run_dir)),
+                       {k: v for f in sorted((result.run_dir / "final").glob("*.safetensors"))
+                        for k, v in load_file(f).items()})
+    (whole, whole_weights), (micro, micro_weights) = runs[0], runs[2]
+    assert [r.keys() for r in micro] == [r.keys() for r in whole]
+    assert whole[-1]["reward/std"] > 0 and whole[-1]["grad/norm"] > 0  # real updates, not only noise
+    for a, b in zip(micro, whole):
+        for key in b:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert micro_weights.keys() == whole_weights.keys() and whole_weights
+    for key, value in whole_weights.items():
+        torch.testing.assert_close(micro_weights[key], value, atol=1e-6, rtol=0, msg=key)

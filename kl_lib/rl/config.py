@@ -89,6 +89,15 @@ class RLConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """LoRA target module names."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass (per process under a multi-process launch); 0 = the whole update
+    batch (the batch, or a PPO minibatch) at once. The passes' gradients add up to exactly the update batch's
+    and the logged metrics are the whole batch's, so it changes memory, not results (not part of
+    :meth:`digest`): the update's full-vocabulary tensors (logits, log-probs; ~16 bytes per response token ×
+    vocabulary entry at their peak, ``benchmarks/bench_memory.py --vocab``) then scale with it instead of the
+    batch. A multiple of ``group_size`` (whole prompt groups, which share their prompt's forward pass) that
+    divides the update batch. Costs some speed when small (smaller matrix products) and, for the analytic
+    estimator with several PPO passes over a batch, one reference forward per pass."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute); for large models."""
     lr: float = 1e-4
@@ -128,14 +137,16 @@ class RLConfig:
 
         _choice("task", self.task, tuple(task_names()))
         if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"RLConfig.gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
+            # a ValueError like every config error, which the CLI reports as one
+            raise ValueError(f"RLConfig.gradient_checkpointing={self.gradient_checkpointing!r} must be true or "  # noqa: TRY004
+                             "false")
         if not _is_real(self.vllm_gpu_memory_utilization) or not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r} must be "
                              "in (0, 1)")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
                      "lora_rank", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards"):
+        for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards", "micro_batch_size"):
             _nonnegative_int(name, getattr(self, name))
         for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
             _positive_float(name, getattr(self, name))
@@ -148,6 +159,15 @@ class RLConfig:
         if self.prompts_per_step * self.group_size % self.ppo_minibatches:
             raise ValueError(f"RLConfig.ppo_minibatches={self.ppo_minibatches} must divide the batch of "
                              f"{self.prompts_per_step * self.group_size} sequences")
+        update = self.prompts_per_step * self.group_size // self.ppo_minibatches  # sequences per update
+        if self.micro_batch_size and (self.micro_batch_size % self.group_size or update % self.micro_batch_size):
+            fits = [m for m in range(self.group_size, update + 1, self.group_size) if update % m == 0]
+            raise ValueError(f"RLConfig.micro_batch_size={self.micro_batch_size} must be a multiple of "
+                             f"group_size={self.group_size} (whole prompt groups per pass) that divides the {update} "
+                             f"sequences of each update (prompts_per_step × group_size / ppo_minibatches = "
+                             f"{self.prompts_per_step} × {self.group_size} / {self.ppo_minibatches}); use "
+                             + (f"one of {fits} or 0 (the whole update at once)" if fits else
+                                "0 (the whole update at once), or fewer ppo_minibatches"))
         if self.policy_loss == "reinforce" and (self.ppo_epochs > 1 or self.ppo_minibatches > 1):
             raise ValueError("RLConfig.ppo_epochs/ppo_minibatches > 1 need policy_loss='ppo' "
                              "(REINFORCE is only valid for one on-policy update per batch)")
@@ -166,7 +186,9 @@ class RLConfig:
     def digest(self) -> str:
         """Hash of every field that affects results (not where they are written)."""
         d = self.to_dict()
-        for key in ("checkpoint_every", "keep_checkpoints", "runs_dir", "name", "device"):
+        # micro_batch_size is how the same gradient is computed (accumulated over passes), like the device: a
+        # finished run is not redone for it, and digests of runs made before the field existed stay valid.
+        for key in ("checkpoint_every", "keep_checkpoints", "runs_dir", "name", "device", "micro_batch_size"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

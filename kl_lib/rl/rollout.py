@@ -8,7 +8,16 @@ Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-pad
   importance weights and PPO ratios.
 * :func:`token_logprobs` recomputes log π(y_t | s_t) with one forward pass over prompt + response, with
   position ids taken from the attention mask (cumsum − 1), so left padding changes nothing: a test holds it
-  against the sampler's log-probs to 1e-5.
+  against the sampler's log-probs to 1e-5. Its pieces are public for the trainer: :func:`response_logits` (the
+  forward pass, ``(B, R, V)`` tempered logits) and :func:`sampled_logprobs` (log π of the sampled tokens as
+  ``logits[y] − logsumexp(logits)``, which keeps no ``(B, R, V)`` log-softmax alive for the backward pass).
+
+Memory: full-vocabulary tensors cost ``4·B·R·V`` bytes each (Qwen's V = 152k: 0.6 GB per 1000 response
+tokens), so nothing here builds more of them than it must: the model computes logits only at the positions
+that predict response tokens (``logits_to_keep``, on the unshared path), the temperature divides them in
+place, and :func:`generate` turns the sampler's logits into log-probs one step at a time. What remains is
+``generate``'s own record of the raw step logits (``output_logits``, float32): 4 bytes per response token ×
+vocabulary entry for the whole batch while it samples.
 
 Sampling randomness comes from ``torch``'s global generator inside :func:`torch.random.fork_rng`, seeded per
 call: a rollout is a pure function of (weights, prompts, seed), which makes resumed runs identical.
@@ -23,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "concat_rollouts", "generate", "response_mask", "token_logprobs"]
+__all__ = ["Rollout", "concat_rollouts", "generate", "response_logits", "response_mask", "sampled_logprobs",
+           "token_logprobs"]
 
 
 @dataclass
@@ -84,8 +94,11 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
         )
     model.train(was_training)
     response_ids = out.sequences[:, prompt_ids.shape[1]:]  # (B, R)
-    logits = torch.stack(out.logits, 1).float() / temperature  # (B, R, V) raw logits of each step
-    logp = torch.log_softmax(logits, -1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    # The raw logits of each step, (B, V) each, turned into log-probs step by step: stacking them first would
+    # hold three more (B, R, V) copies (stacked, tempered, log-softmax) at once.
+    logp = torch.stack([torch.log_softmax(step.float() / temperature, -1).gather(-1, response_ids[:, t, None])
+                        for t, step in enumerate(out.logits)], 1).squeeze(-1)  # (B, R)
+    del out  # the step logits and the KV cache
     mask, finished = response_mask(response_ids, tokenizer.eos_token_id)
     response_ids = response_ids.masked_fill(~mask, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -131,37 +144,81 @@ def _cache_kwarg(model) -> str:
     return _cache_kwarg_of(type(model).forward)
 
 
-def token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-                   temperature: float = 1.0, autocast_dtype: torch.dtype | None = None,
-                   group_size: int = 1) -> tuple[Tensor, Tensor]:
-    """``(logp, logprobs)``: log π of the response tokens ``(B, R)`` and the full log-probs ``(B, R, V)``.
+@functools.lru_cache(maxsize=8)
+def _parameters_of(forward) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters)
 
-    Both are float32 and differentiable through ``model``; the full log-probs feed the analytic estimator,
-    entropy and the forward-KL estimate. When the batch is groups of ``group_size`` samples of the same prompt
-    (as a rollout is), each prompt is encoded once and its key/value cache shared by the group (gradients
-    flow through the shared prompt pass, summed over the group): the same numbers for a fraction of the work.
+
+def _accepts(model, name: str) -> bool:
+    """Whether the model's forward (under a PEFT wrapper, the base model's) takes the keyword ``name``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in _parameters_of(type(base).forward)
+
+
+def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                    temperature: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                    group_size: int = 1) -> Tensor:
+    """The tempered logits of each response token's distribution, ``(B, R, V)`` float32, differentiable.
+
+    When the batch is groups of ``group_size`` samples of the same prompt (as a rollout is), each prompt is
+    encoded once and its key/value cache shared by the group (gradients flow through the shared prompt pass,
+    summed over the group): the same numbers for a fraction of the work. Without that sharing, logits are
+    computed only where they predict a response token (``logits_to_keep``), not at the other prompt positions.
     """
     attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    P = prompt_ids.shape[1]
+    P, R = prompt_ids.shape[1], response_ids.shape[1]
+    keep = (lambda k: {"logits_to_keep": k}) if _accepts(model, "logits_to_keep") else (lambda k: {})
     # Gradient checkpointing (in training mode, with grad) drops KV caches, so the shared prompt pass is off there.
     checkpointing = torch.is_grad_enabled() and model.training and any(
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     with _autocast(model, autocast_dtype):
         if not checkpointing and _shared_prompt_groups(prompt_ids, prompt_mask, group_size):
             G = group_size
+            # All prompt positions' logits, although only the last is used: with logits_to_keep=1 the output
+            # layer's product has one row per prompt, a shape whose rounding on CPU depends on the weights' memory
+            # alignment, so a frozen copy of the policy would no longer give bitwise its log-probs (and k1 = 0).
             prompt_out = model(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(),
                                position_ids=position_ids[::G, :P], use_cache=True)
             cache = prompt_out.past_key_values
             cache.batch_repeat_interleave(G)  # (B/G, …) -> (B, …), differentiable
             first = prompt_out.logits[:, -1:].repeat_interleave(G, 0)  # distribution of the first response token
+            del prompt_out  # its (B/G, P, V) logits
             rest = model(input_ids=response_ids, attention_mask=attention, position_ids=position_ids[:, P:],
                          use_cache=False, **{_cache_kwarg(model): cache}).logits[:, :-1]
             logits = torch.cat([first, rest], 1)
         else:
             input_ids = torch.cat([prompt_ids, response_ids], 1)
-            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits[:, P - 1: -1]
-    logits = logits.float() / temperature  # (B, R, V): the distribution of each response token
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                           **keep(R + 1)).logits[:, -R - 1: -1]
+    logits = logits.float()  # a copy only of lower-precision (autocast) logits
+    # In place: `/` would hold a second (B, R, V) copy while the first is alive (nothing saved either for backward).
+    return logits.div_(temperature) if temperature != 1.0 else logits  # (B, R, V): each response token's distribution
+
+
+def sampled_logprobs(logits: Tensor, response_ids: Tensor) -> Tensor:
+    """log softmax(logits)[y] of the sampled tokens ``(B, R)``, as ``logits[y] − logsumexp(logits)``.
+
+    The same numbers as ``log_softmax(logits).gather(y)`` (to ~1e-6) without a ``(B, R, V)`` log-softmax: the
+    backward pass keeps only ``logits`` (which autograd holds for the log-softmax path as well).
+    """
+    return logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def token_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                   temperature: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                   group_size: int = 1, full: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(logp, logprobs)``: log π of the response tokens ``(B, R)`` and the full log-probs ``(B, R, V)``.
+
+    Both are float32 and differentiable through ``model`` (see :func:`response_logits`, shared prompt passes
+    included); the full log-probs feed the analytic estimator, entropy and the forward-KL estimate. With
+    ``full=False`` only ``logp`` is computed (:func:`sampled_logprobs`, no ``(B, R, V)`` log-softmax kept for the
+    backward pass) and ``logprobs`` is None.
+    """
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                             autocast_dtype, group_size)
+    if not full:
+        return sampled_logprobs(logits, response_ids), None
     logprobs = torch.log_softmax(logits, -1)
     logp = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     return logp, logprobs

@@ -17,6 +17,12 @@ Per step (the paper's on-policy RLOO by default):
 
    Sums over tokens (no length normalisation) unless ``aggregation = "token_mean"``.
 4. **Update** with AdamW, gradient clipping; NaN/Inf or |loss| > ``divergence_loss`` marks the run diverged.
+   With ``micro_batch_size = m`` each update batch of N sequences is computed in passes of m sequences
+   (forward, then backward of the pass's loss × m/N), so the accumulated gradient is the batch's; the
+   reference, the loss values and the logged statistics are computed pass by pass too and combined into
+   the whole batch's (sums over tokens and sequences, divided once). Nothing the size of the vocabulary is
+   kept for more than one pass, except the reference's full log-probs, recomputed per pass by the analytic
+   estimator when a batch is passed over more than once (PPO).
 
 The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
 adapters disabled (no second copy in memory). Everything a run produces lives in ``runs/rl/<name>/``:
@@ -50,11 +56,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kl_lib import objectives
-from kl_lib.estimators import analytic
+from kl_lib.estimators import analytic, get_estimator
 from kl_lib.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.rl import distributed
 from kl_lib.rl.config import RLConfig, load_config
-from kl_lib.rl.rollout import Rollout, concat_rollouts, generate, token_logprobs
+from kl_lib.rl.rollout import (
+    Rollout,
+    concat_rollouts,
+    generate,
+    response_logits,
+    sampled_logprobs,
+)
 from kl_lib.runs import atomic_write, environment_info, write_json
 from kl_lib.tasks import Problem, get_task, problems_digest
 
@@ -267,6 +279,86 @@ def _summarise(metrics: list[dict[str, Any]], status: str, extra: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Micro-batches: the forward passes, and statistics that add up over them
+# ------------------------------------------------------------------------------------------------------------
+
+_STATS_CHUNK = 2**22  # vocabulary entries per chunk of the logging statistics (16 MiB per float32 temporary)
+
+
+def _logits(model, roll: Rollout, rows: Tensor, cfg: RLConfig, autocast_dtype, group_size: int) -> Tensor:
+    """The tempered logits ``(m, R, V)`` of ``model`` on the rows ``rows`` of the batch."""
+    return response_logits(model, roll.prompt_ids[rows], roll.prompt_mask[rows], roll.response_ids[rows],
+                           roll.response_mask[rows], cfg.temperature, autocast_dtype, group_size)
+
+
+def _sampled(logits: Tensor, logprobs: Tensor | None, response_ids: Tensor) -> Tensor:
+    """log π of the sampled tokens ``(m, R)``, from the full log-probs when they exist, else from the logits.
+
+    Policy and reference go through the same formula, so that identical weights give a log-ratio of exactly 0
+    (the coefficient of k1 in the reward is then 0, not rounding noise that AdamW would scale up to a step).
+    """
+    if logprobs is not None:
+        return logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    return sampled_logprobs(logits, response_ids)
+
+
+@torch.no_grad()
+def _reference_logprobs(policy, ref, roll: Rollout, rows: Tensor, cfg: RLConfig, autocast_dtype, group_size: int,
+                        full: bool) -> tuple[Tensor, Tensor]:
+    """``(ref_logp (m, R), ref_logprobs (m, R, V))`` of the reference on the rows ``rows`` of the batch;
+    ``ref_logp`` computed as the policy's is (``full``: from the full log-probs)."""
+    with _reference(policy, ref) as ref_model:
+        logits = _logits(ref_model, roll, rows, cfg, autocast_dtype, group_size)
+    logprobs = torch.log_softmax(logits, -1)
+    return _sampled(logits, logprobs if full else None, roll.response_ids[rows]), logprobs
+
+
+class _BatchStats:
+    """The logged policy statistics of a whole batch, added up over micro-batches.
+
+    Each is a sum over sequences (the KL estimates Σ_t k_t, the myopic forward KL) or over valid tokens (the
+    entropy): micro-batches add numerators, and :meth:`values` divides once by the batch's sequences or
+    tokens, which gives the unsplit batch's numbers (not a mean of means).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.sequences, self.tokens = 0, 0
+
+    @torch.no_grad()
+    def add(self, logits: Tensor, logp: Tensor, ref_logp: Tensor, ref_logprobs: Tensor, mask: Tensor) -> None:
+        """Add one micro-batch: tempered ``logits`` ``(m, R, V)``, ``logp``/``ref_logp``/``mask`` ``(m, R)``,
+        ``ref_logprobs`` ``(m, R, V)``.
+
+        A sum over sequences of Σ_t is a sum over all tokens, so the tokens are taken in chunks of ``_STATS_CHUNK``
+        vocabulary entries (each token a length-1 "sequence" for ``kl_metrics``): the statistics' temporaries
+        (log-softmax, the analytic KL's terms) stay small next to the training pass whatever its size.
+        """
+        V = logits.shape[-1]
+        flat = [t.detach().reshape(-1, 1, V) for t in (logits, ref_logprobs)]  # (m·R, 1, V), views
+        lp, ref_lp, m = (t.reshape(-1, 1) for t in (logp, ref_logp, mask))  # (m·R, 1)
+        step = max(1, _STATS_CHUNK // V)
+        for i in range(0, m.shape[0], step):
+            c = slice(i, i + step)
+            logprobs = torch.log_softmax(flat[0][c], -1)  # (c, 1, V)
+            mf = m[c].to(logprobs.dtype)
+            ones = torch.ones(mf.shape[0], dtype=mf.dtype, device=mf.device)
+            sums = objectives.kl_metrics(lp[c], ref_lp[c], m[c], weights=ones, logprobs=logprobs,
+                                         ref_logprobs=flat[1][c])  # Σ over tokens of k_t
+            sums["kl/forward_myopic"] = (analytic(flat[1][c], logprobs) * mf).sum()  # per-state KL(π_ref ‖ π)
+            sums["policy/entropy"] = (-(logprobs.exp() * logprobs).sum(-1) * mf).sum()
+            for key, value in sums.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.sequences += logits.shape[0]
+        self.tokens += int(mask.sum())
+
+    def values(self) -> dict[str, Tensor]:
+        out = {key: value / self.sequences for key, value in self.sums.items()}
+        out["policy/entropy"] = self.sums["policy/entropy"] / max(1, self.tokens)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------
 
@@ -290,6 +382,11 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                          f"prompts_per_step={cfg.prompts_per_step}")
     ddp = distributed.init()
     shards = distributed.split(cfg.prompts_per_step, ddp, cfg.rollout_shards)  # this rank's prompt ranges
+    local = sum(stop - start for start, stop in shards) * cfg.group_size  # this rank's sequences per step
+    if local % cfg.ppo_minibatches or (cfg.micro_batch_size and (local // cfg.ppo_minibatches) % cfg.micro_batch_size):
+        raise ValueError(f"with {ddp.world_size} processes each holds {local} sequences per step, which "
+                         f"ppo_minibatches={cfg.ppo_minibatches} and micro_batch_size={cfg.micro_batch_size} "
+                         "(per process) must divide into whole updates and passes; lower them or use fewer processes")
     run_dir = Path(cfg.runs_dir) / cfg.run_name()
     identity = run_identity(cfg, problems)
     if (run_dir / "DONE").exists():
@@ -384,47 +481,75 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             rewards = torch.tensor([task.reward(text, p, bool(f)) for text, p, f in
                                     zip(roll.texts, batch, roll.finished.tolist())], device=device)
             advantages = compute_advantages(rewards, cfg.group_size, cfg.advantage)
-            with torch.no_grad(), _reference(policy, ref) as ref_model:
-                ref_logp, ref_logprobs = token_logprobs(ref_model, roll.prompt_ids, roll.prompt_mask,
-                                                        roll.response_ids, roll.response_mask, cfg.temperature,
-                                                        autocast_dtype, group_size=cfg.group_size)
             off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
             behavior_logp = roll.behavior_logp if off_policy else None
 
-            # ---- LOSS AND UPDATE (one step for REINFORCE; epochs × minibatches for PPO)
+            # ---- LOSS AND UPDATE (one step for REINFORCE; epochs × minibatches for PPO), in micro-batches
             t1 = time.perf_counter()
             n = roll.response_ids.shape[0]
-            full = cfg.kl.estimator == "analytic"
-            logged = None  # (log π, full log-probs) of the whole batch before any update, for logging
-            if cfg.ppo_minibatches > 1:
-                with torch.no_grad():
-                    logged = token_logprobs(policy, roll.prompt_ids, roll.prompt_mask, roll.response_ids,
-                                            roll.response_mask, cfg.temperature, autocast_dtype)
+            update_size = n // cfg.ppo_minibatches  # sequences per optimizer step
+            micro = cfg.micro_batch_size or update_size  # sequences per forward/backward pass
+            full = get_estimator(cfg.kl.estimator).full_distribution  # the loss needs full log-probs
+            # Minibatches of a PPO batch are shuffled rows; otherwise passes take whole prompt groups in order and
+            # share each prompt's forward pass across its group.
+            shared = cfg.group_size if cfg.ppo_minibatches == 1 else 1
+            ref_logp = torch.zeros_like(roll.behavior_logp)  # (B, R), filled by the first pass over the batch
+            cur_logp = torch.zeros_like(roll.behavior_logp)  # (B, R) log π before this step's update, for logging
+            stats = _BatchStats()  # the same policy on the whole batch: KL estimates, entropy
+            if cfg.ppo_minibatches > 1:  # shuffled minibatches: a pass of its own for the reference and the logs
+                for rows in torch.arange(n, device=device).split(micro):
+                    ref_logp[rows], ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg, autocast_dtype,
+                                                                       cfg.group_size, full)
+                    with torch.no_grad():
+                        logits = _logits(policy, roll, rows, cfg, autocast_dtype, cfg.group_size)  # (m, R, V)
+                        logprobs = torch.log_softmax(logits, -1) if full else None
+                        cur_logp[rows] = _sampled(logits, logprobs, roll.response_ids[rows])
+                    stats.add(logits, cur_logp[rows], ref_logp[rows], ref_logprobs, roll.response_mask[rows])
+                    del logits, logprobs, ref_logprobs
             for epoch in range(cfg.ppo_epochs):
                 order = torch.arange(n)
                 if cfg.ppo_minibatches > 1:
                     order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step) + epoch))
+                first_pass = epoch == 0 and cfg.ppo_minibatches == 1  # the batch in order, before any update
                 for idx in order.view(cfg.ppo_minibatches, -1).to(device):
-                    mask = roll.response_mask[idx]
-                    logp, logprobs = token_logprobs(policy, roll.prompt_ids[idx], roll.prompt_mask[idx],
-                                                    roll.response_ids[idx], mask, cfg.temperature, autocast_dtype,
-                                                    group_size=cfg.group_size if cfg.ppo_minibatches == 1 else 1)
-                    if logged is None:
-                        logged = (logp.detach(), logprobs.detach())
-                    beh = None if behavior_logp is None else behavior_logp[idx]
-                    pg, pg_metrics = policy_loss(cfg.policy_loss, logp, advantages[idx], mask, beh, cfg.clip_eps,
-                                                 cfg.aggregation)
-                    kl_loss, _ = objectives.kl_term(
-                        cfg.kl, logp, ref_logp[idx], mask, behavior_logp=beh,
-                        logprobs=logprobs if full else None, ref_logprobs=ref_logprobs[idx] if full else None,
-                        aggregation=cfg.aggregation)
-                    loss = pg + kl_loss
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    pg = kl_loss = torch.zeros((), device=device)
+                    clipped_tokens, tokens = 0.0, 0
+                    for rows in idx.split(micro):
+                        ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
+                        if first_pass or full:
+                            rows_ref_logp, ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg,
+                                                                              autocast_dtype, shared, full)
+                            if first_pass:
+                                ref_logp[rows] = rows_ref_logp
+                        mask = roll.response_mask[rows]
+                        logits = _logits(policy, roll, rows, cfg, autocast_dtype, shared)  # (m, R, V), differentiable
+                        logprobs = torch.log_softmax(logits, -1) if full else None  # only the analytic loss needs them
+                        logp = _sampled(logits, logprobs, roll.response_ids[rows])  # (m, R)
+                        beh = None if behavior_logp is None else behavior_logp[rows]
+                        pg_m, pg_metrics = policy_loss(cfg.policy_loss, logp, advantages[rows], mask, beh,
+                                                       cfg.clip_eps, cfg.aggregation)
+                        kl_m, _ = objectives.kl_term(cfg.kl, logp, ref_logp[rows], mask, behavior_logp=beh,
+                                                     logprobs=logprobs, ref_logprobs=ref_logprobs if full else None,
+                                                     aggregation=cfg.aggregation)
+                        # ALGO LOGIC: the minibatch's mean loss = Σ over passes of (the pass's mean) × m/N
+                        share = len(rows) / len(idx)
+                        if first_pass:  # log the pre-update policy, freeing the reference before the backward
+                            cur_logp[rows] = logp.detach()
+                            stats.add(logits, cur_logp[rows], ref_logp[rows], ref_logprobs, mask)
+                        del logits, logprobs, ref_logprobs
+                        ((pg_m + kl_m) * share).backward()
+                        pg, kl_loss = pg + pg_m.detach() * share, kl_loss + kl_m.detach() * share
+                        n_tokens = int(mask.sum())
+                        clipped_tokens += pg_metrics["ppo/clip_fraction"] * n_tokens
+                        tokens += n_tokens
+                        del logp, pg_m, kl_m
+                    pg_metrics = {"ppo/clip_fraction": clipped_tokens / max(1, tokens)}
+                    loss = pg + kl_loss
                     ddp.average_gradients(trainable)  # mean over ranks = the gradient of the global batch
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(
                         trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                    loss_value = float(ddp.mean(loss.detach().reshape(1)))
+                    loss_value = float(ddp.mean(loss.reshape(1)))
                     if not math.isfinite(loss_value) or not math.isfinite(grad_norm) \
                             or abs(loss_value) > cfg.divergence_loss:
                         status = "diverged"
@@ -440,19 +565,12 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
 
             # ---- LOGGING: the policy that was updated this step, on the whole batch (averaged over ranks)
             with torch.no_grad():
-                m, mf = roll.response_mask, roll.response_mask.float()
-                cur_logp, cur_logprobs = logged
-                kl_values = objectives.kl_metrics(cur_logp, ref_logp, m, logprobs=cur_logprobs,
-                                                  ref_logprobs=ref_logprobs)
-                entropy = -(cur_logprobs.exp() * cur_logprobs).sum(-1)  # (B, R)
-                forward = analytic(ref_logprobs, cur_logprobs)  # per-state KL(π_ref ‖ π), (B, R)
+                mf = roll.response_mask.float()
                 local = {
                     "reward/mean": rewards.mean(), "reward/std": rewards.std(),
                     "reward/finished_fraction": roll.finished.float().mean(),
-                    **kl_values,
-                    "kl/forward_myopic": (forward * mf).sum(-1).mean(),
-                    "policy/entropy": (entropy * mf).sum() / mf.sum().clamp_min(1),
-                    "loss/pg": pg.detach(), "loss/kl": kl_loss.detach(),
+                    **stats.values(),  # kl/k1 … kl/analytic, kl/forward_myopic, policy/entropy
+                    "loss/pg": pg, "loss/kl": kl_loss,
                     "response/length": mf.sum(-1).mean(),
                     **({"offpolicy/log_ratio_mean": ((cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1)}
                        if cfg.async_lag else {}),

@@ -296,7 +296,7 @@ def profile_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_d
     loop = total - sum(outside.values())
     parts = {
         "generate": cumulative("generate", "transformers/generation"),
-        "log-prob forwards (policy with grad, reference without)": cumulative("token_logprobs", "kl_lib"),
+        "log-prob forwards (policy with grad, reference without)": cumulative("response_logits", "kl_lib"),
         "backward": cumulative("run_backward"),
         "optimizer step": cumulative("step", "torch/optim/adam"),
         "finite-weights check": cumulative("isfinite"),

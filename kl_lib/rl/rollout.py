@@ -86,24 +86,49 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
                           use_cache=True).past_key_values
             cache.batch_repeat_interleave(G)
             prefix = {"past_key_values": cache}  # generate's name for a prefix cache
+        recorder = _SampledLogProbs(temperature)
         out = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            output_logits=True, return_dict_in_generate=True, **prefix,
+            logits_processor=[recorder], return_dict_in_generate=True, **prefix,
         )
     model.train(was_training)
     response_ids = out.sequences[:, prompt_ids.shape[1]:]  # (B, R)
-    # The raw logits of each step, (B, V) each, turned into log-probs step by step: stacking them first would
-    # hold three more (B, R, V) copies (stacked, tempered, log-softmax) at once.
-    logp = torch.stack([torch.log_softmax(step.float() / temperature, -1).gather(-1, response_ids[:, t, None])
-                        for t, step in enumerate(out.logits)], 1).squeeze(-1)  # (B, R)
-    del out  # the step logits and the KV cache
+    logp = recorder.finish(response_ids[:, -1])  # (B, R)
+    del out  # the KV cache
     mask, finished = response_mask(response_ids, tokenizer.eos_token_id)
     response_ids = response_ids.masked_fill(~mask, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished,
                    logp.masked_fill(~mask, 0.0), texts)
+
+
+class _SampledLogProbs:
+    """A logits processor that records log μ(y_t | s_t) of each sampled token, one step behind.
+
+    ``generate`` calls it with step t's scores before sampling y_t (custom processors run before the
+    temperature warper, so the scores are untempered; the recomputation test at T ≠ 1 holds this to 1e-5). At step
+    t the token y_{t−1} is the last column of ``input_ids``, so only one step's (B, V) log-probs are alive at a
+    time, instead of ``output_logits``' record of every step, (B, R, V) for the whole rollout.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.previous: Tensor | None = None  # (B, V) log-probs of the last step
+        self.logp: list[Tensor] = []  # (B,) per completed step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.logp.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:
+        """``(B, R)``: the recorded log-probs plus the final step's (whose token ``generate`` sampled last)."""
+        self.logp.append(self.previous.gather(-1, last_tokens[:, None]).squeeze(-1))
+        self.previous = None
+        return torch.stack(self.logp, 1)
 
 
 def concat_rollouts(rolls: list[Rollout], response_width: int, pad_token_id: int) -> Rollout:

@@ -75,7 +75,12 @@ import torch
 
 import kl_lib.rl.train as rl_train
 from kl_lib.config import KLConfig
-from kl_lib.models import format_prompt, load_model, load_tokenizer, save_untrained_model
+from kl_lib.models import (
+    format_prompt,
+    load_model,
+    load_tokenizer,
+    save_untrained_model,
+)
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
 from kl_lib.runs import environment_info, write_json
@@ -103,17 +108,21 @@ def ours_config(args: argparse.Namespace, model_dir: str, data_dir: str, runs_di
 
 def run_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_dir: str, name: str) -> dict[str, Any]:
     starts: list[float] = []
-    original = rl_train.generate
+    samplers = {fn: getattr(rl_train, fn) for fn in ("generate", "sample_with_logits")}
 
-    def timed_generate(*a, **kw):  # the first thing of each step that touches the model: a step's start
-        starts.append(time.perf_counter())
-        return original(*a, **kw)
+    def timed(original):
+        def wrapper(*a, **kw):  # the first thing of each step that touches the model: a step's start
+            starts.append(time.perf_counter())
+            return original(*a, **kw)
+        return wrapper
 
-    rl_train.generate = timed_generate
+    for fn, original in samplers.items():
+        setattr(rl_train, fn, timed(original))
     try:
         result = rl_train.train(ours_config(args, model_dir, data_dir, runs_dir, name), progress=False)
     finally:
-        rl_train.generate = original
+        for fn, original in samplers.items():
+            setattr(rl_train, fn, original)
     if result.status != "done":
         raise RuntimeError(f"our trainer ended with status {result.status!r}: {result.summary}")
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

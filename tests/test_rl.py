@@ -2,6 +2,7 @@
 configuration on a real LM against DESIGN.md's per-token formula, resumption, divergence, LoRA, off-policy and
 micro-batches (the same run in passes of one prompt group)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,13 @@ from kl_lib.models import (
     save_untrained_model,
 )
 from kl_lib.rl.config import RLConfig, load_config
-from kl_lib.rl.rollout import generate, response_mask, token_logprobs
+from kl_lib.rl.rollout import (
+    generate,
+    response_mask,
+    sample_with_logits,
+    sampled_logprobs,
+    token_logprobs,
+)
 from kl_lib.rl.train import compute_advantages, run_identity, train
 from kl_lib.tasks.arithmetic import write_splits
 
@@ -392,6 +399,7 @@ def test_micro_batches_give_the_same_run(tiny, monkeypatch, finetune, case):
     runs = {}
     for micro in (0, 2):
         cfg = _cfg(tiny, steps=2, task="digits", finetune=finetune, micro_batch_size=micro, lr=5e-4,
+                   rollout_grad=False,  # the same rollout path for both (the sampling forward is tested below)
                    name=f"micro-{case}-{finetune}-{micro}", **MICRO_CASES[case])
         result = train(cfg, progress=False)
         assert result.status == "done"
@@ -407,3 +415,54 @@ def test_micro_batches_give_the_same_run(tiny, monkeypatch, finetune, case):
     assert micro_weights.keys() == whole_weights.keys() and whole_weights
     for key, value in whole_weights.items():
         torch.testing.assert_close(micro_weights[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+# ---- training on the sampling forward (rollout_grad)
+
+@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_with_grad_matches_generate_and_recomputation(tiny, group_size, temperature):
+    """sample_with_logits draws generate's tokens for the same seed, and its differentiable logits give the
+    recomputed log-probs and their gradient; a reference scored in the same loop equals the policy bit for bit."""
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    ids, mask = _prompts(tokenizer, ["1+2=", "123+456=", "99-7=", "5+5="])
+    ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    plain = generate(model, tokenizer, ids, mask, max_new_tokens=5, temperature=temperature, seed=11,
+                     group_size=group_size)
+    roll, logits, ref_logits = sample_with_logits(model, tokenizer, ids, mask, max_new_tokens=5,
+                                                  temperature=temperature, seed=11, group_size=group_size,
+                                                  reference=lambda: contextlib.nullcontext(model))
+    assert torch.equal(roll.response_ids, plain.response_ids) and torch.equal(roll.response_mask, plain.response_mask)
+    m = roll.response_mask
+    torch.testing.assert_close(roll.behavior_logp[m], plain.behavior_logp[m], atol=1e-5, rtol=0)
+    assert torch.equal(ref_logits, logits.detach())  # same operations, same weights: k1 = 0 exactly
+
+    weights = torch.linspace(-1, 1, m.numel()).view_as(m) * m
+    fused = sampled_logprobs(logits, roll.response_ids)
+    grads_fused = torch.autograd.grad((fused * weights).sum(), list(model.parameters()))
+    recomputed, _ = token_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.response_ids, m, temperature,
+                                   group_size=group_size)
+    torch.testing.assert_close(fused[m], recomputed[m], atol=1e-5, rtol=0)
+    grads_recomputed = torch.autograd.grad((recomputed * weights).sum(), list(model.parameters()))
+    for a, b in zip(grads_fused, grads_recomputed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("kl", [KLConfig("k1", "reward", beta=0.2), KLConfig("analytic", "loss", beta=0.2)])
+def test_training_on_the_sampling_forward_matches_recomputing(tiny, monkeypatch, finetune, kl):
+    """The first step's loss, gradient norm and logged statistics are those of the recomputing path (only the
+    first: AdamW turns last-bit differences of near-zero gradient coordinates into steps of up to lr)."""
+    digits = tasks.Task("digits", load=tasks.get_task("arithmetic").load, reward=_digit_reward)
+    monkeypatch.setitem(tasks._REGISTRY, "digits", digits)
+    first = {}
+    for fused in (True, False):
+        cfg = _cfg(tiny, steps=1, task="digits", finetune=finetune, kl=kl, rollout_grad=fused,
+                   name=f"fused-{finetune}-{kl.name}-{fused}")
+        result = train(cfg, progress=False)
+        assert result.status == "done"
+        first[fused] = _strip_times(_metrics(result.run_dir))[0]
+    assert first[False]["grad/norm"] > 0 and first[False]["reward/std"] > 0
+    for key, value in first[False].items():
+        assert first[True][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -65,6 +65,11 @@ class RLConfig:
     """Rollouts are sampled in this many chunks of prompts, each with its own seed (0 = one per process). Fixing
     it makes a run's samples independent of the number of processes: a 2-process run with ``rollout_shards=2``
     trains on exactly the batches of a 1-process run with ``rollout_shards=2``."""
+    rollout_grad: bool = True
+    """On-policy REINFORCE with the whole batch in one pass (no ``async_lag``, PPO, micro-batches, gradient
+    checkpointing, vLLM or rollout shards): sample with the autograd graph kept and train on the sampling
+    forward itself instead of recomputing it (same gradient, a third less model compute). False: always
+    ``generate`` then recompute."""
     # ---- objective
     advantage: str = "rloo"
     """``rloo`` (leave-one-out baseline, the paper's), ``grpo`` ((R − mean)/std) or ``drgrpo`` (R − mean)."""
@@ -136,6 +141,8 @@ class RLConfig:
         from kl_lib.tasks import task_names
 
         _choice("task", self.task, tuple(task_names()))
+        if not isinstance(self.rollout_grad, bool):
+            raise ValueError(f"RLConfig.rollout_grad={self.rollout_grad!r} must be true or false")  # noqa: TRY004
         if not isinstance(self.gradient_checkpointing, bool):
             # a ValueError like every config error, which the CLI reports as one
             raise ValueError(f"RLConfig.gradient_checkpointing={self.gradient_checkpointing!r} must be true or "  # noqa: TRY004

@@ -104,6 +104,87 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
                    logp.masked_fill(~mask, 0.0), texts)
 
 
+def sample_with_logits(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+                       temperature: float, seed: int, autocast_dtype: torch.dtype | None = None,
+                       group_size: int = 1, reference=None) -> tuple[Rollout, Tensor, Tensor | None]:
+    """Sample like :func:`generate`, but keep the autograd graph: ``(rollout, logits, ref_logits)``.
+
+    ``logits`` ``(B, R, V)`` are the tempered logits every sampled token was drawn from, differentiable with
+    respect to the model: for an on-policy update with the sampling weights they *are* the training forward
+    pass, which then need not be recomputed (a third less model compute per step). ``reference`` (a callable
+    returning a context manager that yields the reference model, or None) scores the same tokens in the same
+    loop, step by step and without gradients: ``ref_logits`` ``(B, R, V)``. Computed with the very operations
+    and shapes of the policy's, they equal the policy's bit for bit while the weights are equal, so
+    log π − log π_ref is exactly 0 at the start of training (as on the recomputing path).
+
+    The loop is plain: one prompt pass (shared by each group of ``group_size`` identical prompts), then one
+    token per step through the KV cache; tokens are drawn from softmax(logits / T) with ``torch.multinomial``
+    under a forked, seeded RNG (no top-k/top-p, as :func:`generate`); rows that have ended get the pad token; it
+    stops when every row has ended. Position ids follow the attention mask, so left padding changes nothing
+    (tested against :func:`token_logprobs`).
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    B, eos, pad = prompt_ids.shape[0], tokenizer.eos_token_id, tokenizer.pad_token_id
+    kw = _cache_kwarg(model)
+    shared = _shared_prompt_groups(prompt_ids, prompt_mask, group_size)
+    G = group_size if shared else 1
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+    def prompt_pass(m):  # -> (cache, logits of the first response token (B, V))
+        # Logits at every prompt position although only the last is used: a strided one-row slice's product
+        # rounds by where the activations happen to sit in memory (see response_logits), so the reference
+        # would not reproduce the policy bit for bit.
+        out = m(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(), position_ids=positions[::G],
+                use_cache=True)
+        cache = out.past_key_values
+        if G > 1:
+            cache.batch_repeat_interleave(G)  # (B/G, …) -> (B, …), differentiable
+        return cache, out.logits[:, -1].repeat_interleave(G, 0)
+
+    def step_pass(m, cache, y, attention, position):
+        out = m(input_ids=y[:, None], attention_mask=attention, position_ids=position, use_cache=True, **{kw: cache})
+        return out.past_key_values, out.logits[:, -1]
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _autocast(model, autocast_dtype):
+        torch.manual_seed(seed)
+        cache, step_logits = prompt_pass(model)
+        if reference is not None:
+            with torch.no_grad(), reference() as ref_model:
+                ref_cache, ref_step = prompt_pass(ref_model)
+        attention = prompt_mask.long()
+        position = prompt_mask.long().sum(-1, keepdim=True)  # (B, 1): the next token's position id
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, logits, ref_logits = [], [], []
+        for t in range(max_new_tokens):
+            step_logits = step_logits.float() / temperature  # (B, V)
+            y = torch.multinomial(torch.softmax(step_logits.detach(), -1), 1).squeeze(-1)
+            y = y.masked_fill(finished, pad)
+            tokens.append(y)
+            logits.append(step_logits)
+            if reference is not None:
+                ref_logits.append(ref_step.float() / temperature)
+            finished = finished | (y == eos)
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, attention.new_ones(B, 1)], 1)
+            cache, step_logits = step_pass(model, cache, y, attention, position)
+            if reference is not None:
+                with torch.no_grad(), reference() as ref_model:
+                    ref_cache, ref_step = step_pass(ref_model, ref_cache, y, attention, position)
+            position = position + 1
+    del cache
+    response_ids = torch.stack(tokens, 1)  # (B, R)
+    logits = torch.stack(logits, 1)  # (B, R, V)
+    mask, done = response_mask(response_ids, eos)
+    response_ids = response_ids.masked_fill(~mask, pad)
+    logp = sampled_logprobs(logits.detach(), response_ids).masked_fill(~mask, 0.0)
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, done, logp, texts)
+    return roll, logits, (torch.stack(ref_logits, 1) if reference is not None else None)
+
+
 class _SampledLogProbs:
     """A logits processor that records log μ(y_t | s_t) of each sampled token, one step behind.
 

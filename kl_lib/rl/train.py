@@ -5,7 +5,9 @@
 Per step (the paper's on-policy RLOO by default):
 
 1. **Rollout.** ``prompts_per_step`` prompts × ``group_size`` samples from the *sampler*: the current policy,
-   or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL).
+   or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL). For one
+   on-policy REINFORCE pass over the whole batch (``rollout_grad``), the sampling forward keeps its autograd
+   graph and *is* the training forward (the reference is scored in the same loop), instead of being recomputed.
 2. **Reward and advantage.** R ∈ {0, 1} from the task's verifier; A_i = R_i − mean_{j≠i} R_j (RLOO),
    (R_i − mean)/std (GRPO) or R_i − mean (Dr. GRPO), within each prompt's group.
 3. **Loss** (minimised) = policy-gradient term + the KL configuration's term from ``kl_lib.objectives``, the
@@ -65,6 +67,7 @@ from kl_lib.rl.rollout import (
     concat_rollouts,
     generate,
     response_logits,
+    sample_with_logits,
     sampled_logprobs,
 )
 from kl_lib.runs import atomic_write, environment_info, write_json
@@ -200,6 +203,12 @@ def _build_models(cfg: RLConfig, device: torch.device):
                                                        target_modules=list(cfg.lora_targets), bias="none"))
         ref = None  # the reference is the same model with its adapters disabled
     else:
+        # Fresh allocations for the policy's weights (from_pretrained may leave them at the file's offsets in a
+        # memory map): CPU kernels round small products by the operands' alignment, so only equally aligned
+        # weights make the frozen copy's log-probs bitwise the policy's (k1 = 0 exactly at the start).
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.data = param.data.clone()
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
     sampler = None
@@ -416,6 +425,10 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     snapshots: deque = deque(maxlen=cfg.async_lag + 1)  # trainable weights of the last lag + 1 policies
     fixed_width = len(shards) > 1 or ddp.enabled  # pad responses to max_new_tokens so shards line up
+    # Train on the sampling forward itself: only for one on-policy REINFORCE pass over the whole batch.
+    fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
+                    and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
+                    and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir)
@@ -450,12 +463,20 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
             if engine is not None:
                 engine.sync_weights(sampler_model)  # vLLM samples from exactly these weights
             batch, rolls, failed = [], [], None
+            sampled_logits = None  # (B, R, V) with the policy's graph, when the sampling forward is the training one
+            sampled_ref_logits = None  # (B, R, V) the reference's, scored in the same loop
             for start, stop in shards:  # this rank's rollout shards, each with its own seed
                 ids, mask = (t[start:stop].repeat_interleave(cfg.group_size, 0) for t in (all_ids, all_mask))
                 batch += [p for p in chosen[start:stop] for _ in range(cfg.group_size)]  # groups of one prompt
                 seed = _shard_seed(cfg.seed, step, start)
                 try:
-                    if engine is None:
+                    if fuse_rollout:
+                        roll_, sampled_logits, sampled_ref_logits = sample_with_logits(
+                            policy, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, seed=seed, autocast_dtype=autocast_dtype,
+                            group_size=cfg.group_size, reference=lambda: _reference(policy, ref))
+                        rolls.append(roll_)
+                    elif engine is None:
                         rolls.append(generate(sampler_model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                               temperature=cfg.temperature, seed=seed, autocast_dtype=autocast_dtype,
                                               group_size=cfg.group_size))
@@ -517,13 +538,22 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                     clipped_tokens, tokens = 0.0, 0
                     for rows in idx.split(micro):
                         ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
-                        if first_pass or full:
+                        if sampled_ref_logits is not None:  # scored alongside the sampling (one pass: all rows)
+                            ref_logprobs = torch.log_softmax(sampled_ref_logits, -1)
+                            rows_ref_logp = _sampled(sampled_ref_logits, ref_logprobs if full else None,
+                                                     roll.response_ids[rows])
+                            sampled_ref_logits = None
+                            ref_logp[rows] = rows_ref_logp
+                        elif first_pass or full:
                             rows_ref_logp, ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg,
                                                                               autocast_dtype, shared, full)
                             if first_pass:
                                 ref_logp[rows] = rows_ref_logp
                         mask = roll.response_mask[rows]
-                        logits = _logits(policy, roll, rows, cfg, autocast_dtype, shared)  # (m, R, V), differentiable
+                        if sampled_logits is not None:  # the sampling forward of this very batch and policy
+                            logits, sampled_logits = sampled_logits, None
+                        else:
+                            logits = _logits(policy, roll, rows, cfg, autocast_dtype, shared)  # (m, R, V), differentiable
                         logprobs = torch.log_softmax(logits, -1) if full else None  # only the analytic loss needs them
                         logp = _sampled(logits, logprobs, roll.response_ids[rows])  # (m, R)
                         beh = None if behavior_logp is None else behavior_logp[rows]

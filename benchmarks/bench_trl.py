@@ -305,6 +305,8 @@ def profile_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_d
     loop = total - sum(outside.values())
     parts = {
         "generate": cumulative("generate", "transformers/generation"),
+        "sampling with the graph kept (policy forward with grad + reference, rollout_grad)":
+            cumulative("sample_with_logits", "kl_lib"),
         "log-prob forwards (policy with grad, reference without)": cumulative("response_logits", "kl_lib"),
         "backward": cumulative("run_backward"),
         "optimizer step": cumulative("step", "torch/optim/adam"),

@@ -466,3 +466,14 @@ def test_training_on_the_sampling_forward_matches_recomputing(tiny, monkeypatch,
     assert first[False]["grad/norm"] > 0 and first[False]["reward/std"] > 0
     for key, value in first[False].items():
         assert first[True][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_chat_template_off_trains_on_raw_prompts(tiny):
+    """chat_template=off: prompts are the bare user messages, and the saved tokenizer keeps it that way."""
+    cfg = _cfg(tiny, steps=1, chat_template="off", name="raw-prompts")
+    result = train(cfg, progress=False)
+    assert result.status == "done"
+    tokenizer = load_tokenizer(result.run_dir / "final")
+    assert tokenizer.chat_template is None and format_prompt(tokenizer, "1+2=") == "1+2="
+    with pytest.raises(ValueError, match="chat_template"):
+        _cfg(tiny, chat_template="maybe")

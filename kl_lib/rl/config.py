@@ -31,6 +31,7 @@ AGGREGATIONS = ("sum", "token_mean")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
+CHAT_TEMPLATES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class RLConfig:
     # ---- what is trained, on what
     model: str = "data/models/tiny-base"
     """Model directory, hub name or preset name (``kl_lib.presets``, e.g. ``smollm2-135m-instruct``)."""
+    chat_template: str = "auto"
+    """``auto`` (the preset's choice; the tokenizer's template when there is no preset), ``on`` or ``off`` (raw
+    prompts: the paper also evaluated the Qwen base model without its chat template)."""
     task: str = "arithmetic"
     """Registered task (``kl_lib.tasks``): ``arithmetic``, ``countdown``, ``math``, ``gsm8k``, ..."""
     data_dir: str = ""
@@ -138,6 +142,7 @@ class RLConfig:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        _choice("chat_template", self.chat_template, CHAT_TEMPLATES)
         from kl_lib.tasks import task_names
 
         _choice("task", self.task, tuple(task_names()))

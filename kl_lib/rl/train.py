@@ -189,7 +189,7 @@ def _model_source(name: str) -> str:
 
 
 def _build_models(cfg: RLConfig, device: torch.device):
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template])
     # LoRA trains float32 adapters on a frozen base, which may be stored in the preset's GPU dtype (bf16): it is
     # also the reference. Full fine-tuning keeps float32 master weights (autocast to bf16 on GPUs).
     policy = load_model(cfg.model, device=device, dtype="auto" if cfg.finetune == "lora" else torch.float32,

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
+from pathlib import Path
 
 __all__ = ["SPLIT_NAMES", "Problem", "Task", "get_task", "problems_digest", "register", "task_names"]
 
@@ -94,3 +96,23 @@ def problems_digest(problems: list[Problem]) -> str:
     for p in problems:
         h.update(json.dumps(astuple(p)).encode())
     return h.hexdigest()[:16]
+
+
+def write_problems(path: str | os.PathLike, problems: list[Problem]) -> Path:
+    """Write problems as JSONL, atomically (a temporary file renamed into place)."""
+    from kl_lib.runs import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as f:
+        for p in problems:
+            f.write(json.dumps(asdict(p)) + "\n")
+    return path
+
+
+def read_problems(path: str | os.PathLike, how_to_create: str) -> list[Problem]:
+    """Problems from a JSONL file; a missing file raises an error that says ``how_to_create`` it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {how_to_create}")
+    with open(path) as f:
+        return [Problem(**json.loads(line)) for line in f if line.strip()]

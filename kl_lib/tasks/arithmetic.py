@@ -24,19 +24,26 @@ the base model partly knows) is the paper's.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-from dataclasses import asdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from kl_lib.runs import atomic_write
-from kl_lib.tasks import Problem, Task, register
+from kl_lib.tasks import Problem, Task, read_problems, register, write_problems
 
-__all__ = ["Problem", "SKILLS", "SPLITS", "make_problem", "generate_split", "write_splits", "load_split",
-           "load_dataset_split", "parse_answer", "reward"]
+__all__ = [
+    "SKILLS",
+    "SPLITS",
+    "Problem",
+    "generate_split",
+    "load_dataset_split",
+    "load_split",
+    "make_problem",
+    "parse_answer",
+    "reward",
+    "write_splits",
+]
 
 
 def _add(rng: random.Random, lo_a: int, hi_a: int, lo_b: int, hi_b: int) -> tuple[str, int]:
@@ -112,21 +119,12 @@ def write_splits(data_dir: str | os.PathLike = "data/arithmetic", seed: int = 0,
     for name in ("id_test", "ood_test", "rl_train", "sft"):
         problems = generate_split(name, seed, sizes.get(name), exclude=seen)
         seen.update(p.prompt for p in problems)
-        path = Path(data_dir) / f"{name}.jsonl"
-        with atomic_write(path) as f:
-            for p in problems:
-                f.write(json.dumps(asdict(p)) + "\n")
-        out[name] = path
+        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
     return out
 
 
 def load_split(path: str | os.PathLike) -> list[Problem]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; create the data with `make data` "
-                                "(or kl_lib.tasks.arithmetic.write_splits)")
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
+    return read_problems(path, "create the data with `make data` (or kl_lib.tasks.arithmetic.write_splits)")
 
 
 def load_dataset_split(path: str | os.PathLike):
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name, path in write_splits(args.out, seed=args.seed).items():
-        print(f"{name:9s} {sum(1 for _ in open(path)):6d} problems -> {path}")
+        print(f"{name:9s} {len(load_split(path)):6d} problems -> {path}")
 
 
 if __name__ == "__main__":

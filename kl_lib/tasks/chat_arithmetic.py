@@ -25,7 +25,7 @@ import re
 
 from kl_lib.tasks import Problem, Task, register
 
-__all__ = ["PROMPT", "make_splits", "last_integer", "reward"]
+__all__ = ["PROMPT", "last_integer", "make_splits", "reward"]
 
 PROMPT = "Compute {a} {op} {b}. Reply with the result only, as a single number."
 _INTEGER = re.compile(r"-?\d+")

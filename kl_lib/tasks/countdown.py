@@ -39,12 +39,10 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
-from kl_lib.runs import atomic_write
-from kl_lib.tasks import Problem, Task, register
+from kl_lib.tasks import Problem, Task, read_problems, register, write_problems
 from kl_lib.tasks.answers import last_boxed
 
 __all__ = ["DEFAULT_DIR", "MAX_EXPRESSION_CHARS", "NUMBER_RANGE", "SPLITS", "TARGET_RANGE", "evaluate",
@@ -144,21 +142,13 @@ def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,
     for name in ("id_test", "ood_test", "rl_train"):
         problems = generate_split(name, seed, sizes.get(name), exclude=seen)
         seen.update(_key(p) for p in problems)
-        path = Path(data_dir) / f"{name}.jsonl"
-        with atomic_write(path) as f:
-            for p in problems:
-                f.write(json.dumps(asdict(p)) + "\n")
-        out[name] = path
+        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
     return out
 
 
 def load_split(path: str | os.PathLike) -> list[Problem]:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; create the Countdown data with "
-                                f"`python -m kl_lib.tasks.countdown --out {path.parent}`")
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
+    return read_problems(path, f"create the Countdown data with `python -m kl_lib.tasks.countdown --out {path.parent}`")
 
 
 # ---------------------------------------------------------------------------------------------------------------

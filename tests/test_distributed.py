@@ -1,5 +1,6 @@
-"""Data-parallel training: two CPU processes (gloo) under ``accelerate launch`` make the same update as one
-process on the same global batch, and only rank 0 writes the run directory."""
+"""Data-parallel training: two CPU processes (gloo) under ``accelerate launch``, each accumulating its share in
+micro-batches, make the same update as one process on the same global batch in one pass, and only rank 0
+writes the run directory."""
 
 import json
 import os
@@ -48,7 +49,8 @@ def test_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "29517", "-m", "kl_lib.rl.train", "--no-progress", "--set", f"runs_dir={tmp_path / 'ddp'}"]
+           "29517", "-m", "kl_lib.rl.train", "--no-progress", "--set", f"runs_dir={tmp_path / 'ddp'}",
+           "--set", "micro_batch_size=2"]  # and each process accumulates its share in passes of one group
     for key, value in common.items():
         cmd += ["--set", f"{key}={value}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
@@ -116,3 +116,26 @@ def read_problems(path: str | os.PathLike, how_to_create: str) -> list[Problem]:
         raise FileNotFoundError(f"{path} does not exist; {how_to_create}")
     with open(path) as f:
         return [Problem(**json.loads(line)) for line in f if line.strip()]
+
+
+def draw_distinct(split: str, size: int, draw: Callable[[int], Problem], key: Callable[[Problem], Hashable],
+                  exclude: Iterable[Hashable] = ()) -> list[Problem]:
+    """``size`` problems ``draw(index)`` whose ``key`` is new: not in ``exclude`` and not drawn before.
+
+    Rejection sampling with a bound on the attempts, so that asking for more distinct problems than a generator
+    can make fails with a clear error instead of looping forever.
+    """
+    seen = set(exclude)
+    problems: list[Problem] = []
+    attempts = 0
+    while len(problems) < size:
+        attempts += 1
+        if attempts > 50 * size + 1000:
+            raise ValueError(f"split {split!r}: cannot draw {size} distinct problems; ask for fewer")
+        problem = draw(len(problems))
+        k = key(problem)
+        if k in seen:
+            continue
+        seen.add(k)
+        problems.append(problem)
+    return problems

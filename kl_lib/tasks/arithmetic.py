@@ -30,7 +30,14 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from kl_lib.tasks import Problem, Task, read_problems, register, write_problems
+from kl_lib.tasks import (
+    Problem,
+    Task,
+    draw_distinct,
+    read_problems,
+    register,
+    write_problems,
+)
 
 __all__ = [
     "SKILLS",
@@ -92,20 +99,8 @@ def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: I
     size = default_size if size is None else size
     rng = random.Random(f"{name}:{seed}")
     skills, weights = zip(*mixture.items())
-    seen = set(exclude)
-    problems: list[Problem] = []
-    attempts = 0
-    while len(problems) < size:
-        attempts += 1
-        if attempts > 50 * size + 1000:
-            raise ValueError(f"split {name!r}: cannot draw {size} distinct problems; ask for fewer")
-        skill = rng.choices(skills, weights)[0]
-        problem = make_problem(skill, rng, len(problems))
-        if problem.prompt in seen:
-            continue
-        seen.add(problem.prompt)
-        problems.append(problem)
-    return problems
+    return draw_distinct(name, size, lambda i: make_problem(rng.choices(skills, weights)[0], rng, i),
+                         key=lambda p: p.prompt, exclude=exclude)
 
 
 def write_splits(data_dir: str | os.PathLike = "data/arithmetic", seed: int = 0,

@@ -42,7 +42,14 @@ from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from kl_lib.tasks import Problem, Task, read_problems, register, write_problems
+from kl_lib.tasks import (
+    Problem,
+    Task,
+    draw_distinct,
+    read_problems,
+    register,
+    write_problems,
+)
 from kl_lib.tasks.answers import last_boxed
 
 __all__ = ["DEFAULT_DIR", "MAX_EXPRESSION_CHARS", "NUMBER_RANGE", "SPLITS", "TARGET_RANGE", "evaluate",
@@ -115,20 +122,8 @@ def generate_split(name: str, seed: int = 0, size: int | None = None,
     default_size, counts = SPLITS[name]
     size = default_size if size is None else size
     rng = random.Random(f"countdown:{name}:{seed}")
-    seen = set(exclude)
-    problems: list[Problem] = []
-    attempts = 0
-    while len(problems) < size:
-        attempts += 1
-        if attempts > 50 * size + 1000:
-            raise ValueError(f"split {name!r}: cannot draw {size} distinct problems; ask for fewer")
-        problem = make_problem(rng, rng.choice(counts), f"countdown/{name}/{len(problems)}")
-        key = _key(problem)
-        if key in seen:
-            continue
-        seen.add(key)
-        problems.append(problem)
-    return problems
+    return draw_distinct(name, size, lambda i: make_problem(rng, rng.choice(counts), f"countdown/{name}/{i}"),
+                         key=_key, exclude=exclude)
 
 
 def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kl_lib.models import is_checkpointing
+
 __all__ = ["Rollout", "concat_rollouts", "generate", "response_logits", "response_mask", "sampled_logprobs",
            "token_logprobs"]
 
@@ -276,8 +278,7 @@ def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
     P, R = prompt_ids.shape[1], response_ids.shape[1]
     keep = (lambda k: {"logits_to_keep": k}) if _accepts(model, "logits_to_keep") else (lambda k: {})
     # Gradient checkpointing (in training mode, with grad) drops KV caches, so the shared prompt pass is off there.
-    checkpointing = torch.is_grad_enabled() and model.training and any(
-        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    checkpointing = torch.is_grad_enabled() and model.training and is_checkpointing(model)
     with _autocast(model, autocast_dtype):
         if not checkpointing and _shared_prompt_groups(prompt_ids, prompt_mask, group_size):
             G = group_size

@@ -43,7 +43,7 @@ from kl_lib.evaluate import EvalSettings, evaluate_path
 from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
 from kl_lib.runs import write_json
 
-__all__ = ["expand_sweep", "eval_settings", "run_sweep"]
+__all__ = ["eval_settings", "expand_sweep", "run_sweep"]
 
 _SWEEP_KEYS = {"base", "smoke", "groups", "eval"}
 _GROUP_KEYS = {"set", "seeds", "betas", "kl"}

@@ -318,8 +318,13 @@ def _reference_logprobs(policy, ref, roll: Rollout, rows: Tensor, cfg: RLConfig,
     ``ref_logp`` computed as the policy's is (``full``: from the full log-probs)."""
     with _reference(policy, ref) as ref_model:
         logits = _logits(ref_model, roll, rows, cfg, autocast_dtype, group_size)
+    return _reference_from_logits(logits, roll.response_ids[rows], full)
+
+
+def _reference_from_logits(logits: Tensor, response_ids: Tensor, full: bool) -> tuple[Tensor, Tensor]:
+    """``(ref_logp, ref_logprobs)`` from the reference's tempered logits ``(m, R, V)``."""
     logprobs = torch.log_softmax(logits, -1)
-    return _sampled(logits, logprobs if full else None, roll.response_ids[rows]), logprobs
+    return _sampled(logits, logprobs if full else None, response_ids), logprobs
 
 
 class _BatchStats:
@@ -538,15 +543,14 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -
                     clipped_tokens, tokens = 0.0, 0
                     for rows in idx.split(micro):
                         ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
-                        if sampled_ref_logits is not None:  # scored alongside the sampling (one pass: all rows)
-                            ref_logprobs = torch.log_softmax(sampled_ref_logits, -1)
-                            rows_ref_logp = _sampled(sampled_ref_logits, ref_logprobs if full else None,
-                                                     roll.response_ids[rows])
-                            sampled_ref_logits = None
-                            ref_logp[rows] = rows_ref_logp
-                        elif first_pass or full:
-                            rows_ref_logp, ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg,
-                                                                              autocast_dtype, shared, full)
+                        if first_pass or full:
+                            if sampled_ref_logits is not None:  # scored alongside the sampling (one pass)
+                                rows_ref_logp, ref_logprobs = _reference_from_logits(
+                                    sampled_ref_logits, roll.response_ids[rows], full)
+                                sampled_ref_logits = None
+                            else:
+                                rows_ref_logp, ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg,
+                                                                                  autocast_dtype, shared, full)
                             if first_pass:
                                 ref_logp[rows] = rows_ref_logp
                         mask = roll.response_mask[rows]

@@ -139,3 +139,22 @@ def draw_distinct(split: str, size: int, draw: Callable[[int], Problem], key: Ca
         seen.add(k)
         problems.append(problem)
     return problems
+
+
+def write_disjoint_splits(data_dir: str | os.PathLike, order: tuple[str, ...],
+                          generate: Callable[..., list[Problem]], key: Callable[[Problem], Hashable], seed: int,
+                          sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write ``<data_dir>/<split>.jsonl`` for each split in ``order`` (atomically), each drawn by
+    ``generate(split, seed, size, exclude=keys of the earlier splits)``: list test splits first, and training
+    data never repeats a test problem. ``sizes`` overrides the generator's default size per split."""
+    sizes = sizes or {}
+    unknown = set(sizes) - set(order)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {', '.join(map(repr, order))}")
+    out: dict[str, Path] = {}
+    seen: set = set()
+    for name in order:
+        problems = generate(name, seed, sizes.get(name), exclude=seen)
+        seen.update(key(p) for p in problems)
+        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
+    return out

@@ -36,7 +36,7 @@ from kl_lib.tasks import (
     draw_distinct,
     read_problems,
     register,
-    write_problems,
+    write_disjoint_splits,
 )
 
 __all__ = [
@@ -106,16 +106,7 @@ def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: I
 def write_splits(data_dir: str | os.PathLike = "data/arithmetic", seed: int = 0,
                  sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write every split as ``<data_dir>/<split>.jsonl`` (atomically); test splits first, then disjoint training."""
-    sizes = sizes or {}
-    unknown = set(sizes) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {', '.join(map(repr, SPLITS))}")
-    out, seen = {}, set()
-    for name in ("id_test", "ood_test", "rl_train", "sft"):
-        problems = generate_split(name, seed, sizes.get(name), exclude=seen)
-        seen.update(p.prompt for p in problems)
-        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
-    return out
+    return write_disjoint_splits(data_dir, ("id_test", "ood_test", "rl_train", "sft"), generate_split, lambda p: p.prompt, seed, sizes)
 
 
 def load_split(path: str | os.PathLike) -> list[Problem]:

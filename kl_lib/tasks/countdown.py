@@ -48,7 +48,7 @@ from kl_lib.tasks import (
     draw_distinct,
     read_problems,
     register,
-    write_problems,
+    write_disjoint_splits,
 )
 from kl_lib.tasks.answers import last_boxed
 
@@ -129,16 +129,7 @@ def generate_split(name: str, seed: int = 0, size: int | None = None,
 def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,
                  sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write every split as ``<data_dir>/<split>.jsonl`` (atomically); test splits first, then disjoint training."""
-    sizes = sizes or {}
-    unknown = set(sizes) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {', '.join(map(repr, SPLITS))}")
-    out, seen = {}, set()
-    for name in ("id_test", "ood_test", "rl_train"):
-        problems = generate_split(name, seed, sizes.get(name), exclude=seen)
-        seen.update(_key(p) for p in problems)
-        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
-    return out
+    return write_disjoint_splits(data_dir, ("id_test", "ood_test", "rl_train"), generate_split, _key, seed, sizes)
 
 
 def load_split(path: str | os.PathLike) -> list[Problem]:

@@ -11,7 +11,7 @@
 #   make clean | distclean         generated outputs and caches | also .venv
 #
 # An executed notebook is the Make target: it is stale when its source notebook, any kl_lib/**/*.py, the
-# environment (.venv/.stamp) or the PARAMS given to make changed. kl_lib.nbrun moves it into place only
+# environment (.venv/.stamp) or the PARAMS given to make changed. kl_lib.study.nbrun moves it into place only
 # when every cell succeeded, so a failed run is retried next time instead of looking up to date.
 
 SHELL := bash
@@ -103,9 +103,9 @@ $(DATA_STAMP): kl_lib/tasks/arithmetic.py | $(STAMP)
 	touch $@
 
 base-model: $(BASE_MODEL)/DONE
-# kl_lib.sft skips training when the config and the data are unchanged; touching DONE records the check.
-$(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/sft.py kl_lib/models.py | $(STAMP)
-	$(VPY) -m kl_lib.sft --out $(BASE_MODEL) $(SFT_ARGS)
+# kl_lib.lm.sft skips training when the config and the data are unchanged; touching DONE records the check.
+$(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/lm/sft.py kl_lib/lm/models.py | $(STAMP)
+	$(VPY) -m kl_lib.lm.sft --out $(BASE_MODEL) $(SFT_ARGS)
 	touch $@
 
 sweep: $(SWEEP_STAMP)
@@ -128,7 +128,7 @@ reproduce: $(EXECUTED)
 	@echo "$(words $(EXECUTED)) notebook(s) up to date in $(NB_OUT)/"
 
 $(NB_OUT)/%.ipynb: notebooks/%.ipynb $(KL_LIB_SRC) $(STAMP) $(PARAMS_STAMP)
-	$(VPY) -m kl_lib.nbrun $< --out $(NB_OUT) $(NBRUN_FLAGS) $(PARAMS) $(PARAMS_$*)
+	$(VPY) -m kl_lib.study.nbrun $< --out $(NB_OUT) $(NBRUN_FLAGS) $(PARAMS) $(PARAMS_$*)
 
 # Rewritten only when the parameters differ from the last run's, so changing PARAMS reruns the notebooks
 # and repeating it does not.
@@ -140,7 +140,7 @@ $(PARAMS_STAMP): FORCE
 FORCE:
 
 # ---------------------------------------------------------------------------------------------------------
-# Interactive use. Kernels started by JupyterLab run in notebooks/; see kl_lib.nbrun.chdir_to_repo_root.
+# Interactive use. Kernels started by JupyterLab run in notebooks/; see kl_lib.study.nbrun.chdir_to_repo_root.
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser \
@@ -174,4 +174,4 @@ endif
 reproduce: $(REPORT)/index.html
 report: $(REPORT)/index.html
 $(REPORT)/index.html: $(EXECUTED) $(SWEEP_STAMP) $(KL_LIB_SRC) | $(STAMP)
-	$(VPY) -m kl_lib.site --runs $(RL_RUNS) --notebooks $(NB_OUT) --out $(REPORT)
+	$(VPY) -m kl_lib.study.site --runs $(RL_RUNS) --notebooks $(NB_OUT) --out $(REPORT)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from kl_lib import KLConfig, exact
-from kl_lib.runs import environment_info, write_json
+from kl_lib.files import environment_info, write_json
 from kl_lib.toy import MarkovPolicy, TabularPolicy
 
 CASES = [

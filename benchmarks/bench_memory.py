@@ -45,7 +45,7 @@ above that baseline. Three measures make resident memory track live tensors, the
 ``--repeats`` runs of every configuration, in alternating order; medians and spreads are reported. GPU (when
 CUDA is available): ``torch.cuda.max_memory_allocated`` over the same window instead.
 
-The model is a random Llama (``kl_lib.models.save_untrained_model``): 512 hidden, 8 layers, 1536 MLP width,
+The model is a random Llama (``kl_lib.lm.models.save_untrained_model``): 512 hidden, 8 layers, 1536 MLP width,
 ≈ 27 M parameters ≈ 104 MiB in fp32, the largest single item in a LoRA run on this small batch (4 prompts × 4
 samples × 6 tokens, ~90 MiB of activations), so a second copy of the weights would add ~20 % to the LoRA
 run's peak, four times the 5 % target.
@@ -147,7 +147,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import kl_lib.rl.train as rl_train
     from kl_lib import objectives
     from kl_lib.config import KLConfig
-    from kl_lib.models import format_prompt, load_model, load_tokenizer
+    from kl_lib.lm.models import add_lora, format_prompt, load_model, load_tokenizer
     from kl_lib.rl.config import RLConfig
     from kl_lib.rl.rollout import generate, token_logprobs
     from kl_lib.tasks.arithmetic import load_split, reward
@@ -211,11 +211,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = load_tokenizer(cfg.model)
         policy = load_model(cfg.model, device=device)
         if finetune == "lora":
-            from peft import LoraConfig, get_peft_model
-
             torch.manual_seed(cfg.seed)
-            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                       target_modules=list(cfg.lora_targets), bias="none"))
+            policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
             ref = None
         else:
             ref = copy.deepcopy(policy).eval().requires_grad_(False) if with_ref else None
@@ -330,7 +327,7 @@ def _save_vocab_model(out_dir: Path, args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kl_lib.models import build_tokenizer, tiny_llama_config
+    from kl_lib.lm.models import build_tokenizer, tiny_llama_config
 
     tokenizer = build_tokenizer()
     config = tiny_llama_config(args.vocab_size, hidden_size=args.vocab_hidden_size, num_layers=2, num_heads=4,
@@ -345,7 +342,7 @@ def _save_vocab_model(out_dir: Path, args: argparse.Namespace) -> None:
 
 
 def main_vocab(args: argparse.Namespace) -> int:
-    from kl_lib.runs import environment_info, write_json
+    from kl_lib.files import environment_info, write_json
     from kl_lib.tasks.arithmetic import write_splits
 
     configs = args.configs.split(",") if args.configs else list(VOCAB_CONFIGS)
@@ -478,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     import torch
 
-    from kl_lib.models import save_untrained_model
-    from kl_lib.runs import environment_info, write_json
+    from kl_lib.lm.models import save_untrained_model
+    from kl_lib.files import environment_info, write_json
     from kl_lib.tasks.arithmetic import write_splits
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}

@@ -8,7 +8,7 @@ needs the ``bench`` extra (``pip install -e .[bench]``, i.e. ``trl==1.16.0``).
 
 **What is compared.** Both trainers start from the same model directory, sample ``--group-size`` completions of
 at most ``--max-new-tokens`` tokens for each of ``--prompts`` prompts of the arithmetic ``rl_train`` split
-(chat-formatted with ``kl_lib.models.format_prompt``; same token ids on both sides), score them with
+(chat-formatted with ``kl_lib.lm.models.format_prompt``; same token ids on both sides), score them with
 ``kl_lib.tasks.arithmetic.reward`` and take one AdamW step per batch with a frozen-copy reference and the k3
 estimator in the loss, β = 0.04. Settings that make the objectives the same:
 
@@ -29,7 +29,7 @@ clipping at 1.0, no checkpoint saving or logging inside the timed steps (``repor
 ``save_strategy="no"``; ours checkpoints only after the last step).
 
 **Model.** ``--model random`` (default) is a randomly initialised tiny Llama saved with
-``kl_lib.models.save_untrained_model``; any other value is a model directory (e.g. the SFT base model
+``kl_lib.lm.models.save_untrained_model``; any other value is a model directory (e.g. the SFT base model
 ``data/models/tiny-base``). The model must use rotary position embeddings: TRL passes no position ids, so a
 left-padded row is scored at shifted positions, which leaves rotary attention scores (they depend only on
 position differences) and hence the log-probs unchanged; with learned absolute positions TRL's log-probs of
@@ -75,7 +75,7 @@ import torch
 
 import kl_lib.rl.train as rl_train
 from kl_lib.config import KLConfig
-from kl_lib.models import (
+from kl_lib.lm.models import (
     format_prompt,
     load_model,
     load_tokenizer,
@@ -83,7 +83,7 @@ from kl_lib.models import (
 )
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
-from kl_lib.runs import environment_info, write_json
+from kl_lib.files import environment_info, write_json
 from kl_lib.tasks.arithmetic import generate_split, load_split, reward, write_splits
 
 BETA = 0.04

@@ -8,7 +8,7 @@ LLMs* (Shah et al., arXiv 2512.21852). ``../DESIGN.md`` (shared) is the mathemat
 * ``kl_lib.objectives`` — every configuration's loss term, implemented once, shared by the exact analysis
   and the RL trainer;
 * ``kl_lib.toy``        — ``TabularPolicy`` and ``MarkovPolicy``;
-* ``kl_lib.exact``      — exact KLs, true gradients, expected gradients and variances of configurations.
+* ``kl_lib.toy.exact``      — exact KLs, true gradients, expected gradients and variances of configurations.
 """
 
 from kl_lib.config import KLConfig

@@ -22,15 +22,17 @@ from dataclasses import asdict, dataclass
 
 from kl_lib.estimators import ESTIMATORS
 
-__all__ = ["KLConfig", "PLACEMENTS", "IMPORTANCE_WEIGHTINGS"]
+__all__ = ["KLConfig", "PLACEMENTS", "IMPORTANCE_WEIGHTINGS", "check_choice"]
 
 PLACEMENTS: tuple[str, ...] = ("reward", "loss", "both")
 IMPORTANCE_WEIGHTINGS: tuple[str, ...] = ("none", "token", "sequence")
 
 
-def _choice(field: str, value: object, valid: tuple[str, ...]) -> None:
+def check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``field`` (e.g. ``"KLConfig.estimator"``) and the valid values unless ``value``
+    is one of ``valid``."""
     if not isinstance(value, str) or value not in valid:
-        raise ValueError(f"KLConfig.{field}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+        raise ValueError(f"{field}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class KLConfig:
     """Optional explicit clamp of δ to [−c, c]; the clipped fraction is reported as ``kl/clip_fraction``."""
 
     def __post_init__(self) -> None:
-        _choice("estimator", self.estimator, tuple(ESTIMATORS))
-        _choice("placement", self.placement, PLACEMENTS)
-        _choice("importance_weighting", self.importance_weighting, IMPORTANCE_WEIGHTINGS)
+        check_choice("KLConfig.estimator", self.estimator, tuple(ESTIMATORS))
+        check_choice("KLConfig.placement", self.placement, PLACEMENTS)
+        check_choice("KLConfig.importance_weighting", self.importance_weighting, IMPORTANCE_WEIGHTINGS)
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):
             raise ValueError(f"KLConfig.beta={self.beta!r} must be a real number ≥ 0")
         if not math.isfinite(self.beta) or self.beta < 0:

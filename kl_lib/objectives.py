@@ -15,10 +15,10 @@ with
 
 m_t the validity mask (padding contributes nothing), and no length normalisation. The batch loss is
 Σ_b w_b L(y_b) with sample weights w: 1/B for Monte Carlo samples in the trainer, the exact sequence
-probabilities μ(y) in ``kl_lib.exact``. Either way ∇(Σ_b w_b L(y_b)) is the configuration's gradient estimate
+probabilities μ(y) in ``kl_lib.toy.exact``. Either way ∇(Σ_b w_b L(y_b)) is the configuration's gradient estimate
 (or, exactly, its expectation): this module is the single implementation both use.
 
-The expression is split into pieces so that ``kl_lib.exact`` can also use it by dynamic programming: the
+The expression is split into pieces so that ``kl_lib.toy.exact`` can also use it by dynamic programming: the
 detached coefficients (c_t, W) depend on the whole sequence, the differentiable factors (u_t, v_t·k_t) on one
 token and its state only.
 

@@ -1,4 +1,4 @@
-"""kl_lib.bias: exact bias/variance/cosine tables and the length and staleness sweeps."""
+"""kl_lib.toy.bias: exact bias/variance/cosine tables and the length and staleness sweeps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kl_lib import bias, exact
+from kl_lib.toy import bias, exact
 from kl_lib.config import KLConfig
 
 UNBIASED = {"k1 in reward", "k1 in reward (reward-to-go)", "k3 in reward+loss", "analytic in reward+loss"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kl_lib.models import save_untrained_model
+from kl_lib.lm.models import save_untrained_model
 from kl_lib.rl import distributed
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.train import train

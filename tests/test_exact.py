@@ -1,4 +1,4 @@
-"""kl_lib.exact: DESIGN.md §4's table, computed (not assumed), on- and off-policy; true gradients against finite
+"""kl_lib.toy.exact: DESIGN.md §4's table, computed (not assumed), on- and off-policy; true gradients against finite
 differences; the Markov DP against enumeration; exact variances against brute force."""
 
 import itertools
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kl_lib import exact
+from kl_lib.toy import exact
 from kl_lib.config import PLACEMENTS, KLConfig
 from kl_lib.estimators import ESTIMATORS
 from kl_lib.toy import MarkovPolicy, TabularPolicy

@@ -1,5 +1,5 @@
 """The findings' definitions and verdict rules on synthetic run tables: every verdict branch of F1–F3 is
-reachable and gives the verdict the rule in kl_lib.findings says it should."""
+reachable and gives the verdict the rule in kl_lib.study.findings says it should."""
 
 import json
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kl_lib import findings as fnd
-from kl_lib.tables import RunTables
+from kl_lib.study import findings as fnd
+from kl_lib.study.tables import RunTables
 
 P = 60  # problems per split
 STEPS = 40  # steps per synthetic run (window W = 4)

@@ -1,4 +1,4 @@
-"""Tests of kl_lib.gaussian: closed forms, Monte Carlo within its standard error, Schulman's published table."""
+"""Tests of kl_lib.toy.gaussian: closed forms, Monte Carlo within its standard error, Schulman's published table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kl_lib import gaussian
+from kl_lib.toy import gaussian
 
 MUS = (0.1, 0.5, 1.0)
 NUM_SE = 5.0

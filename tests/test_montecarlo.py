@@ -7,9 +7,9 @@ few hundred coordinates, a false alarm has probability < 1e-4), and the variance
 import pytest
 import torch
 
-from kl_lib import exact
+from kl_lib.toy import exact
 from kl_lib.config import KLConfig
-from kl_lib.montecarlo import mc_kl_grad
+from kl_lib.toy.montecarlo import mc_kl_grad
 from kl_lib.toy import MarkovPolicy, TabularPolicy
 
 CASES = [

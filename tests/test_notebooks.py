@@ -15,14 +15,14 @@ import nbformat
 import papermill
 import pytest
 
-from kl_lib import nbrun
+from kl_lib.study import nbrun
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def _run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "kl_lib.nbrun", *map(str, args), "--no-progress-bar"]
+    cmd = [sys.executable, "-m", "kl_lib.study.nbrun", *map(str, args), "--no-progress-bar"]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 

@@ -1,4 +1,4 @@
-"""Model presets and loading (kl_lib.presets, kl_lib.models).
+"""Model presets and loading (kl_lib.lm.presets, kl_lib.lm.models).
 
 The paper's models cannot be downloaded here, so the loading code a GPU user runs is exercised on tiny random
 models of the same architectures, with tokenizers carrying the real special tokens, pad/eos choices and chat
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kl_lib import models
-from kl_lib.models import (
+from kl_lib.lm import models
+from kl_lib.lm.models import (
     GGUF_SOURCE_FILE,
     ModelUnavailableError,
     check_lora_targets,
@@ -29,7 +29,7 @@ from kl_lib.models import (
     load_tokenizer,
     save_untrained_model,
 )
-from kl_lib.presets import (
+from kl_lib.lm.presets import (
     CHATML_TEMPLATE,
     PRESETS,
     ModelPreset,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kl_lib import objectives, tasks
 from kl_lib.config import KLConfig
-from kl_lib.models import (
+from kl_lib.lm.models import (
     format_prompt,
     load_model,
     load_tokenizer,
@@ -395,7 +395,7 @@ def test_micro_batches_give_the_same_run(tiny, monkeypatch, finetune, case):
     checkpointing and two-process tests use). The largest differences seen: 4e-7 on a metric (PPO's loss/kl, a
     k1 coefficient times Σ log π), 1e-7 on the weights."""
     digits = tasks.Task("digits", load=tasks.get_task("arithmetic").load, reward=_digit_reward)
-    monkeypatch.setitem(tasks._REGISTRY, "digits", digits)
+    monkeypatch.setitem(tasks.base._REGISTRY, "digits", digits)
     runs = {}
     for micro in (0, 2):
         cfg = _cfg(tiny, steps=2, task="digits", finetune=finetune, micro_batch_size=micro, lr=5e-4,
@@ -455,7 +455,7 @@ def test_training_on_the_sampling_forward_matches_recomputing(tiny, monkeypatch,
     """The first step's loss, gradient norm and logged statistics are those of the recomputing path (only the
     first: AdamW turns last-bit differences of near-zero gradient coordinates into steps of up to lr)."""
     digits = tasks.Task("digits", load=tasks.get_task("arithmetic").load, reward=_digit_reward)
-    monkeypatch.setitem(tasks._REGISTRY, "digits", digits)
+    monkeypatch.setitem(tasks.base._REGISTRY, "digits", digits)
     first = {}
     for fused in (True, False):
         cfg = _cfg(tiny, steps=1, task="digits", finetune=finetune, kl=kl, rollout_grad=fused,

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from kl_lib.stats import (VERDICTS, bootstrap_mean_ci, fisher_exact_greater, hierarchical_bootstrap, interval,
+from kl_lib.study.stats import (VERDICTS, bootstrap_mean_ci, fisher_exact_greater, hierarchical_bootstrap, interval,
                           verdict)
 
 

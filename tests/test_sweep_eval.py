@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from kl_lib.config import KLConfig
-from kl_lib.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
-from kl_lib.models import save_untrained_model
-from kl_lib.report import load_runs
-from kl_lib.tables import results_table
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
+from kl_lib.lm.models import save_untrained_model
+from kl_lib.study.runs import load_runs
+from kl_lib.study.tables import results_table
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.sweep import eval_settings, expand_sweep, main as sweep_main
 from kl_lib.tasks.arithmetic import write_splits

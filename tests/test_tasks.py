@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kl_lib.models import build_tokenizer, format_prompt
+from kl_lib.lm.models import build_tokenizer, format_prompt
 from kl_lib.tasks.arithmetic import (SKILLS, generate_split, load_dataset_split, load_split, parse_answer, reward,
                                      write_splits)
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kl_lib.models import (build_tokenizer, encode_prompts, format_prompt, load_model, load_tokenizer,
+from kl_lib.lm.models import (build_tokenizer, encode_prompts, format_prompt, load_model, load_tokenizer,
                             save_untrained_model)
 from kl_lib.rl import vllm_backend
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs

@@ -12,22 +12,22 @@ the reward) at a scale that runs on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
-from kl_lib.config import KLConfig
+from kl_lib.config import KLConfig, check_choice
+from kl_lib.files import config_digest
+from kl_lib.objectives import AGGREGATIONS
+from kl_lib.tasks import task_names
 
 __all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "RLConfig", "apply_overrides", "load_config"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
 FINETUNES = ("full", "lora")
-AGGREGATIONS = ("sum", "token_mean")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
@@ -38,7 +38,7 @@ CHAT_TEMPLATES = ("auto", "on", "off")
 class RLConfig:
     # ---- what is trained, on what
     model: str = "data/models/tiny-base"
-    """Model directory, hub name or preset name (``kl_lib.presets``, e.g. ``smollm2-135m-instruct``)."""
+    """Model directory, hub name or preset name (``kl_lib.lm.presets``, e.g. ``smollm2-135m-instruct``)."""
     chat_template: str = "auto"
     """``auto`` (the preset's choice; the tokenizer's template when there is no preset), ``on`` or ``off`` (raw
     prompts: the paper also evaluated the Qwen base model without its chat template)."""
@@ -135,17 +135,15 @@ class RLConfig:
             object.__setattr__(self, "kl", KLConfig(**self.kl))
         if isinstance(self.lora_targets, list):
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        _choice("advantage", self.advantage, ADVANTAGES)
-        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _choice("finetune", self.finetune, FINETUNES)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("device", self.device, DEVICES)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
-        _choice("chat_template", self.chat_template, CHAT_TEMPLATES)
-        from kl_lib.tasks import task_names
-
-        _choice("task", self.task, tuple(task_names()))
+        check_choice("RLConfig.advantage", self.advantage, ADVANTAGES)
+        check_choice("RLConfig.policy_loss", self.policy_loss, POLICY_LOSSES)
+        check_choice("RLConfig.finetune", self.finetune, FINETUNES)
+        check_choice("RLConfig.aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("RLConfig.device", self.device, DEVICES)
+        check_choice("RLConfig.dtype", self.dtype, DTYPES)
+        check_choice("RLConfig.rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        check_choice("RLConfig.chat_template", self.chat_template, CHAT_TEMPLATES)
+        check_choice("RLConfig.task", self.task, tuple(task_names()))
         if not isinstance(self.rollout_grad, bool):
             raise ValueError(f"RLConfig.rollout_grad={self.rollout_grad!r} must be true or false")  # noqa: TRY004
         if not isinstance(self.gradient_checkpointing, bool):
@@ -202,7 +200,7 @@ class RLConfig:
         # finished run is not redone for it, and digests of runs made before the field existed stay valid.
         for key in ("checkpoint_every", "keep_checkpoints", "runs_dir", "name", "device", "micro_batch_size"):
             d.pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return config_digest(d)
 
     def run_name(self) -> str:
         """Deterministic: ``<kl name>-b<beta>[-lag<k>][-lora]-s<seed>``, or ``nokl-…`` when β = 0."""
@@ -222,11 +220,6 @@ class RLConfig:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"RLConfig.{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kl_lib.models import is_checkpointing
+from kl_lib.lm.models import is_checkpointing
 
 __all__ = ["Rollout", "concat_rollouts", "generate", "response_logits", "response_mask", "sampled_logprobs",
            "token_logprobs"]

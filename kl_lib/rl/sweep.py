@@ -3,7 +3,7 @@
     python -m kl_lib.rl.sweep configs/sweep.yaml [--smoke] [--jobs 2] [--dry-run]
 
 The file has a ``base`` mapping of ``RLConfig`` fields shared by every run, an ``eval`` mapping of
-``kl_lib.evaluate.EvalSettings`` (every finished run's final model and kept checkpoints, and the base model,
+``kl_lib.lm.evaluate.EvalSettings`` (every finished run's final model and kept checkpoints, and the base model,
 are evaluated with them; results cached in ``<run>/eval.json`` and ``<runs_dir>/base_eval.json``), an optional
 ``smoke`` mapping (applied on top with ``--smoke``: it may also shrink ``seeds`` / ``betas`` and hold its own
 ``eval``), and ``groups``; each group has
@@ -39,9 +39,9 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from kl_lib.evaluate import EvalSettings, evaluate_path
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path
 from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
-from kl_lib.runs import write_json
+from kl_lib.files import write_json
 
 __all__ = ["eval_settings", "expand_sweep", "run_sweep"]
 
@@ -100,7 +100,7 @@ def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None) -> dict[
     import torch
 
     torch.set_num_threads(int(os.environ.get("KL_SWEEP_THREADS", "1")))
-    from kl_lib.evaluate import evaluate_run
+    from kl_lib.lm.evaluate import evaluate_run
     from kl_lib.rl.train import train
 
     cfg = from_dict(cfg_dict)

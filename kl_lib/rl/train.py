@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from kl_lib import objectives
 from kl_lib.estimators import analytic, get_estimator
-from kl_lib.models import encode_prompts, load_model, load_tokenizer
+from kl_lib.lm.models import add_lora, encode_prompts, load_model, load_tokenizer
 from kl_lib.rl import distributed
 from kl_lib.rl.config import RLConfig, load_config
 from kl_lib.rl.rollout import (
@@ -70,7 +70,7 @@ from kl_lib.rl.rollout import (
     sample_with_logits,
     sampled_logprobs,
 )
-from kl_lib.runs import atomic_write, environment_info, write_json
+from kl_lib.files import atomic_write, environment_info, write_json
 from kl_lib.tasks import Problem, get_task, problems_digest
 
 __all__ = ["RunResult", "compute_advantages", "policy_loss", "resolve_device", "train"]
@@ -146,7 +146,7 @@ def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, to
 
 def _check_model(cfg: RLConfig) -> None:
     """Fail before any compute when the model is neither a directory, a preset nor a hub id (or is missing)."""
-    from kl_lib.presets import resolve
+    from kl_lib.lm.presets import resolve
 
     resolve(cfg.model)  # FileNotFoundError for a missing local directory, ValueError for a malformed name
     if cfg.rollout_backend == "vllm":
@@ -161,7 +161,7 @@ def run_identity(cfg: RLConfig, problems: list[Problem] | None = None) -> str:
     A finished run is skipped only when this is unchanged, so retraining the base model or regenerating the
     data reruns the sweep rather than silently keeping stale results.
     """
-    from kl_lib.evaluate import model_digest
+    from kl_lib.lm.evaluate import model_digest
 
     if problems is None:
         problems = get_task(cfg.task).load_split("rl_train", cfg.data_dir or None)
@@ -183,7 +183,7 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def _model_source(name: str) -> str:
     """The directory or hub id that ``from_pretrained`` (and vLLM) load for a model name or preset."""
-    from kl_lib.models import model_source
+    from kl_lib.lm.models import model_source
 
     return model_source(name)[0]
 
@@ -195,12 +195,9 @@ def _build_models(cfg: RLConfig, device: torch.device):
     policy = load_model(cfg.model, device=device, dtype="auto" if cfg.finetune == "lora" else torch.float32,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
-            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                       target_modules=list(cfg.lora_targets), bias="none"))
+            policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         ref = None  # the reference is the same model with its adapters disabled
     else:
         # Fresh allocations for the policy's weights (from_pretrained may leave them at the file's offsets in a

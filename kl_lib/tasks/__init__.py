@@ -13,148 +13,22 @@ dataset's own schema) or ``None`` for the task's default (its hub dataset, or ``
 Tasks register themselves with :func:`register`; an unknown name raises an error listing the known ones.
 """
 
-from __future__ import annotations
+from kl_lib.tasks.base import (
+    SPLIT_NAMES,
+    Problem,
+    Task,
+    draw_distinct,
+    get_task,
+    problems_digest,
+    read_problems,
+    register,
+    task_names,
+    write_disjoint_splits,
+    write_problems,
+)
 
-import hashlib
-import importlib
-import json
-import os
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import asdict, astuple, dataclass, field
-from pathlib import Path
+# The task modules register themselves on import (hub datasets load their data only when asked).
+from kl_lib.tasks import arithmetic, chat_arithmetic, countdown, hub  # noqa: E402,F401  isort: skip
 
-__all__ = ["SPLIT_NAMES", "Problem", "Task", "get_task", "problems_digest", "register", "task_names"]
-
-SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    skill: str  # sub-task or source subset (e.g. "add3", "math/algebra", "mmlu/college_physics")
-    prompt: str  # the user message, ready for the chat template
-    answer: str  # the reference answer in the form the task's reward compares against
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    load: Callable[[str, str | None], list[Problem]]
-    """``load(split, source) -> list[Problem]``; ``split`` is one of ``splits``."""
-    reward: Callable[[str, Problem, bool], float]
-    """``reward(response, problem, finished) -> float`` in [0, 1]; never raises."""
-    splits: tuple[str, ...] = SPLIT_NAMES
-    description: str = ""
-    default_source: str | None = None
-    """Where ``load`` looks when no source is given (documentation; ``load`` applies it)."""
-    extra: dict = field(default_factory=dict)
-
-    def load_split(self, split: str, source: str | None = None) -> list[Problem]:
-        if split not in self.splits:
-            raise ValueError(f"task {self.name!r} has no split {split!r}; its splits are {', '.join(self.splits)}")
-        return self.load(split, source)
-
-
-_REGISTRY: dict[str, Task] = {}
-# Modules that register tasks on import; imported lazily so that `import kl_lib.tasks` stays light.
-_PROVIDERS = ("kl_lib.tasks.arithmetic", "kl_lib.tasks.chat_arithmetic", "kl_lib.tasks.countdown", "kl_lib.tasks.hub")
-
-
-def register(task: Task) -> Task:
-    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
-        raise ValueError(f"task {task.name!r} is already registered")
-    _REGISTRY[task.name] = task
-    return task
-
-
-def _load_providers() -> None:
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a provider that exists but fails to import is a real error
-                raise
-
-
-def task_names() -> list[str]:
-    _load_providers()
-    return sorted(_REGISTRY)
-
-
-def get_task(name: str) -> Task:
-    """The registered task called ``name``; the error lists the known tasks."""
-    if name not in _REGISTRY:
-        _load_providers()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(map(repr, sorted(_REGISTRY)))}")
-    return _REGISTRY[name]
-
-
-def problems_digest(problems: list[Problem]) -> str:
-    """A digest of the problems (ids, prompts, answers, in order): identifies a run's data wherever it came from."""
-    h = hashlib.sha256()
-    for p in problems:
-        h.update(json.dumps(astuple(p)).encode())
-    return h.hexdigest()[:16]
-
-
-def write_problems(path: str | os.PathLike, problems: list[Problem]) -> Path:
-    """Write problems as JSONL, atomically (a temporary file renamed into place)."""
-    from kl_lib.runs import atomic_write
-
-    path = Path(path)
-    with atomic_write(path) as f:
-        for p in problems:
-            f.write(json.dumps(asdict(p)) + "\n")
-    return path
-
-
-def read_problems(path: str | os.PathLike, how_to_create: str) -> list[Problem]:
-    """Problems from a JSONL file; a missing file raises an error that says ``how_to_create`` it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; {how_to_create}")
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
-
-
-def draw_distinct(split: str, size: int, draw: Callable[[int], Problem], key: Callable[[Problem], Hashable],
-                  exclude: Iterable[Hashable] = ()) -> list[Problem]:
-    """``size`` problems ``draw(index)`` whose ``key`` is new: not in ``exclude`` and not drawn before.
-
-    Rejection sampling with a bound on the attempts, so that asking for more distinct problems than a generator
-    can make fails with a clear error instead of looping forever.
-    """
-    seen = set(exclude)
-    problems: list[Problem] = []
-    attempts = 0
-    while len(problems) < size:
-        attempts += 1
-        if attempts > 50 * size + 1000:
-            raise ValueError(f"split {split!r}: cannot draw {size} distinct problems; ask for fewer")
-        problem = draw(len(problems))
-        k = key(problem)
-        if k in seen:
-            continue
-        seen.add(k)
-        problems.append(problem)
-    return problems
-
-
-def write_disjoint_splits(data_dir: str | os.PathLike, order: tuple[str, ...],
-                          generate: Callable[..., list[Problem]], key: Callable[[Problem], Hashable], seed: int,
-                          sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Write ``<data_dir>/<split>.jsonl`` for each split in ``order`` (atomically), each drawn by
-    ``generate(split, seed, size, exclude=keys of the earlier splits)``: list test splits first, and training
-    data never repeats a test problem. ``sizes`` overrides the generator's default size per split."""
-    sizes = sizes or {}
-    unknown = set(sizes) - set(order)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {', '.join(map(repr, order))}")
-    out: dict[str, Path] = {}
-    seen: set = set()
-    for name in order:
-        problems = generate(name, seed, sizes.get(name), exclude=seen)
-        seen.update(key(p) for p in problems)
-        out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
-    return out
+__all__ = ["SPLIT_NAMES", "Problem", "Task", "draw_distinct", "get_task", "problems_digest", "read_problems",
+           "register", "task_names", "write_disjoint_splits", "write_problems"]

@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from kl_lib.tasks import (
+from kl_lib.tasks.base import (
     Problem,
     Task,
     draw_distinct,

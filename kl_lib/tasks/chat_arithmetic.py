@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 
-from kl_lib.tasks import Problem, Task, register
+from kl_lib.tasks.base import Problem, Task, register
 
 __all__ = ["PROMPT", "last_integer", "make_splits", "reward"]
 

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from kl_lib.tasks import (
+from kl_lib.tasks.base import (
     Problem,
     Task,
     draw_distinct,

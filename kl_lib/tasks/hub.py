@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kl_lib.tasks import Problem, Task, register
+from kl_lib.files import atomic_write
+from kl_lib.tasks.base import Problem, Task, register
 from kl_lib.tasks.answers import (
     extract_answer,
     extract_choice,
@@ -248,8 +249,6 @@ GSM8K_TASK = register(Task(
 
 def download(out_dir: str | os.PathLike, keys: tuple[str, ...] | None = None) -> list[Path]:
     """Write every (config, split) the tasks use from the hub to ``out_dir`` in the local layout (JSONL)."""
-    from kl_lib.runs import atomic_write
-
     written = []
     for key in keys or tuple(HUB_DATASETS):
         if key not in HUB_DATASETS:

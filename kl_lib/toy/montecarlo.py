@@ -3,7 +3,7 @@
 Draw y_1..y_N ~ μ (π_θ on-policy), compute each sequence's loss term L(y_n) with
 ``kl_lib.objectives.per_sequence_loss`` (whose 1/N-weighted sum is ``objectives.kl_term``, what the LLM trainer
 computes for a batch) and differentiate. The per-sample
-gradients g(y_n) (cheap for toy policies, see ``kl_lib.exact``) give the standard error of every coordinate of
+gradients g(y_n) (cheap for toy policies, see ``kl_lib.toy.exact``) give the standard error of every coordinate of
 the mean, so a Monte Carlo estimate can be held against the exact expected gradient with a tolerance that
 comes from its own noise.
 """
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kl_lib import objectives
 from kl_lib.config import KLConfig
-from kl_lib.toy import MarkovPolicy, TabularPolicy, check_compatible
+from kl_lib.toy.policies import MarkovPolicy, TabularPolicy, check_compatible
 
 __all__ = ["MCGradient", "mc_kl_grad"]
 

@@ -1,9 +1,9 @@
 """The paper's three findings as hypotheses, tested on the sweep's run tables with rules fixed in advance.
 
-Input: a :class:`kl_lib.tables.RunTables` (``load_tables(runs_dir)``). Output: per-run outcomes, the
+Input: a :class:`kl_lib.study.tables.RunTables` (``load_tables(runs_dir)``). Output: per-run outcomes, the
 accuracy table per configuration × β, the instability table, and one :class:`Finding` per hypothesis with
-its test, numbers and verdict (``kl_lib.stats.VERDICTS``). Notebook 04 shows them, notebook 05 F3, and the
-report (``kl_lib.site``) lists them.
+its test, numbers and verdict (``kl_lib.study.stats.VERDICTS``). Notebook 04 shows them, notebook 05 F3, and the
+report (``kl_lib.study.site``) lists them.
 
 Definitions (fixed before looking at any sweep result)
 -------------------------------------------------------
@@ -12,7 +12,7 @@ Accuracy. pass@1 of a final model on a problem = correct samples / samples (temp
 configuration's accuracy is the mean over its seeds (runs) and the split's problems. 95% CIs come from
 ``stats.hierarchical_bootstrap`` (resample runs within each group, then problems, the problem draw shared by
 every group so that differences are paired) with percentile intervals. A diverged run has no model and is
-scored 0 on every problem (``kl_lib.tables``). The difference to the base model pairs the same problems.
+scored 0 on every problem (``kl_lib.study.tables``). The difference to the base model pairs the same problems.
 
 Smoothing window. ``W = max(2, steps // 10)`` steps (10 for the 100-step sweep), a trailing rolling mean
 that needs W steps before it is defined, so that one noisy batch (16 prompts × 4 samples) cannot count.
@@ -63,8 +63,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from kl_lib import stats
-from kl_lib.tables import SPLITS, RunTables
+from kl_lib.study import stats
+from kl_lib.study.tables import SPLITS, RunTables
 
 __all__ = [
     "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_FACTOR", "KL_BLOWUP_FLOOR", "BIASED", "UNBIASED", "K3_LOSS", "OFFPOLICY_KL",
@@ -316,7 +316,7 @@ def finding_f1(outcomes: pd.DataFrame) -> Finding:
         hypothesis="Biased KL configurations (k3 in reward, k1 in loss) train unstably: they diverge, collapse "
                    "or blow up in KL more often than the other KL configurations (on-policy).",
         test="One-sided Fisher exact test on run counts, unstable = diverged or reward collapse or KL blow-up "
-             "(kl_lib.findings docstring), all β pooled; no-KL runs excluded.",
+             "(kl_lib.study.findings docstring), all β pooled; no-KL runs excluded.",
         verdict=test["verdict"],
         numbers={"biased_unstable": rows[0]["events"], "biased_runs": rows[0]["runs"],
                  "other_unstable": rows[1]["events"], "other_runs": rows[1]["runs"],

@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from kl_lib import exact
+from kl_lib.toy import exact
 from kl_lib.config import KLConfig
-from kl_lib.toy import MarkovPolicy, TabularPolicy
+from kl_lib.toy.policies import MarkovPolicy, TabularPolicy
 
 __all__ = [
     "figure2_configs",

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from kl_lib.models import encode_prompts, load_model, load_tokenizer
-from kl_lib.runs import write_json
+from kl_lib.lm.models import add_lora, encode_prompts, load_model, load_tokenizer
+from kl_lib.files import config_digest, file_digest, write_json
 from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
 __all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path",
@@ -47,7 +47,7 @@ class EvalSettings:
     """Sampling temperature of pass@k (the paper evaluates at 1.0)."""
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_digest(asdict(self))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -143,7 +143,7 @@ def model_digest(path: str | Path) -> str:
     files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise FileNotFoundError(f"no weight files in {path}")
-    return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)}" for p in files).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)[:16]}" for p in files).encode()).hexdigest()[:16]
 
 
 def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Path,
@@ -170,10 +170,7 @@ def load_checkpoint_model(run_dir: str | Path, checkpoint: str | Path, device: s
     cfg = from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
     model = load_model(cfg.model, device=device)
     if cfg.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(cfg.lora_targets), bias="none"))
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     state = torch.load(Path(checkpoint) / "state.pt", map_location=device, weights_only=False)
     _load_trainable(model, state["trainable"])
     if cfg.finetune == "lora":
@@ -199,7 +196,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, settings: EvalSettin
         checkpoints = checkpoints[:-1]  # the last checkpoint holds the same weights as final/
     targets += [(ckpt.name, ckpt) for ckpt in checkpoints]
     for name, path in targets:
-        weights = model_digest(path) if name == "final" else _file_digest(path / "state.pt")
+        weights = model_digest(path) if name == "final" else file_digest(path / "state.pt")[:16]
         key = f"{weights}-{settings.key()}-{_data_key(splits)}"
         if cache.get(name, {}).get("key") == key:
             out[name] = cache[name]
@@ -219,10 +216,3 @@ def _load_splits(settings: EvalSettings, data_dir: str | Path | None) -> dict[st
 def _data_key(splits: dict[str, list[Problem]]) -> str:
     return hashlib.sha256("".join(problems_digest(p) for p in splits.values()).encode()).hexdigest()[:12]
 
-
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

@@ -1,19 +1,19 @@
 """The report: the sweep's results, main figures and findings on one static page, linking every notebook.
 
-    python -m kl_lib.site --runs runs/rl --notebooks runs/notebooks --out runs/report
+    python -m kl_lib.study.site --runs runs/rl --notebooks runs/notebooks --out runs/report
 
-:func:`build_report` writes into ``out_dir`` (every file atomically, ``kl_lib.runs``):
+:func:`build_report` writes into ``out_dir`` (every file atomically, ``kl_lib.files``):
 
     results.csv             one row per run: configuration, seed, ID/OOD accuracy, diverged, collapsed, final KL
     accuracy.csv            per setting × configuration × β: pass@1 with 95% CIs and the difference to the base model
-    instability.csv         the runs that diverged, collapsed or blew up in KL (kl_lib.findings)
+    instability.csv         the runs that diverged, collapsed or blew up in KL (kl_lib.study.findings)
     paper_comparison.csv    the paper's reported outcomes next to ours
     findings.json           F1–F3: hypothesis, test, numbers, verdict, evidence
     fig_*.png / fig_*.svg   the main figures (below)
     index.html              the page: provenance header, findings, figures inline, links to the notebooks
 
 The figure functions (``plot_*``) are also what notebooks 04 and 05 show, so the report and the notebooks
-cannot disagree. Each puts a caption computed from the data under its axes (``plotting.caption``).
+cannot disagree. Each puts a caption computed from the data under its axes (``figures.caption``).
 
 The page links executed notebooks as ``<notebooks_dir>/*.html`` with paths relative to ``out_dir``, and
 its images by file name, so the folder can be moved together with the notebooks folder. A small inline script
@@ -39,11 +39,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from kl_lib import findings as fnd
-from kl_lib import plotting
-from kl_lib.report import plot_training_curves
-from kl_lib.runs import git_commit, write_json, write_text
-from kl_lib.tables import SPLITS, RunTables, load_tables
+from kl_lib.files import git_commit, write_json, write_text
+from kl_lib.study import figures
+from kl_lib.study import findings as fnd
+from kl_lib.study.figures import plot_training_curves
+from kl_lib.study.tables import SPLITS, RunTables, load_tables
 
 __all__ = ["plot_accuracy", "plot_training", "plot_entropy_vs_forward_kl", "plot_checkpoints",
            "plot_offpolicy_curves", "plot_offpolicy_summary", "build_report", "main"]
@@ -76,7 +76,7 @@ def plot_accuracy(accuracy: pd.DataFrame, base: dict[str, float], setting: str =
     acc = accuracy[accuracy["setting"] == setting]
     labels = _ordered(acc["label"])
     betas = sorted(acc["beta"].unique())
-    palette = plotting.config_palette(labels)
+    palette = figures.config_palette(labels)
     markers = dict(zip(betas, "osD^v<>"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     width = 0.6 / max(1, len(betas))
@@ -116,7 +116,7 @@ def plot_accuracy(accuracy: pd.DataFrame, base: dict[str, float], setting: str =
                      f"above the base model (CI excludes 0) and {below} below.")
     lo_n, hi_n = int(acc["n_runs"].min()), int(acc["n_runs"].max())
     n_text = f"{lo_n} run{'s' if lo_n > 1 else ''}" if lo_n == hi_n else f"{lo_n}–{hi_n} runs"
-    plotting.caption(fig, (f"{n_text} per point; intervals resample runs and "
+    figures.caption(fig, (f"{n_text} per point; intervals resample runs and "
                            "problems (a diverged run counts 0). " + " ".join(parts)))
     return fig
 
@@ -134,7 +134,7 @@ def plot_training(tables: RunTables, setting: str = fnd.ON_POLICY, beta: float |
     w = max(1, steps // 10)
     last = df[df["step"] >= steps - w].groupby("label")[list(CURVES)].mean().reindex(_ordered(df["label"]))
     most_kl, low_ent = last["kl/analytic"].idxmax(), last["policy/entropy"].idxmin()
-    plotting.caption(fig, (
+    figures.caption(fig, (
         f"{setting}{'' if beta is None else f', β = {beta:g}'}; thin lines: seeds, thick: their mean (rolling mean "
         f"over {smooth} steps). Over the last {_steps(w)}, reward / KL / entropy: "
         + "; ".join(f"{l}: {r['reward/mean']:.2f} / {r['kl/analytic']:.3f} / {r['policy/entropy']:.3f}"
@@ -151,7 +151,7 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
     for c in cols:
         df[c] = df.groupby("run")[c].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
     betas = sorted(b for b in df["beta"].unique() if b > 0) or [0.0]
-    palette = plotting.config_palette(_ordered(df["label"]))
+    palette = figures.config_palette(_ordered(df["label"]))
     fig, axes = plt.subplots(1, len(betas), figsize=(6.2 * len(betas), 4.6), squeeze=False, sharex=True, sharey=True)
     ends = []
     for ax, beta in zip(axes.flat, betas):
@@ -193,7 +193,7 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
         lowest = (kl_only["entropy"].idxmin() if np.ptp(kl_only["entropy"]) > 1e-9 else "a tie")
         largest = (kl_only["forward"].idxmax() if np.ptp(kl_only["forward"]) > 1e-9 else "a tie")
         text.append(f"β = {beta:g}: lowest final entropy {lowest}, largest forward KL {largest}.{pair}")
-    plotting.caption(fig, "The paper reports that k1 in reward keeps lower entropy and k3 in loss behaves "
+    figures.caption(fig, "The paper reports that k1 in reward keeps lower entropy and k3 in loss behaves "
                           "mode-covering. Here: " + " ".join(text))
     return fig
 
@@ -202,7 +202,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
     """pass@1 of the base model (step 0), the mid-training checkpoint(s) and the final model per configuration."""
     ck = tables.checkpoints[tables.checkpoints["setting"] == setting]
     labels = _ordered(ck["label"])
-    palette = plotting.config_palette(labels)
+    palette = figures.config_palette(labels)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     betas = sorted(ck["beta"].unique())
     dashes = dict(zip([b for b in betas if b > 0], ["", (4, 2), (1, 1), (6, 2, 1, 2)]))
@@ -227,7 +227,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
     fig.tight_layout()
     r = pd.DataFrame(rows)
     if r.empty:
-        plotting.caption(fig, "No intermediate checkpoints were evaluated for this setting.")
+        figures.caption(fig, "No intermediate checkpoints were evaluated for this setting.")
         return fig
     r["change"] = r["final"] - r["mid"]
     text = []
@@ -238,7 +238,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
                 if down else "")
         text.append(f"{split}: from the mid checkpoint to the end, {up} of {len(g)} configuration×β lines rise and "
                     f"{down} fall{fall}.")
-    plotting.caption(fig, "Means over seeds; diverged runs have no final model and are absent here. " + " ".join(text))
+    figures.caption(fig, "Means over seeds; diverged runs have no final model and are absent here. " + " ".join(text))
     return fig
 
 
@@ -252,7 +252,7 @@ def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:
     settings = _lagged_settings(df)
     df["reward"] = df.groupby("run")["reward/mean"].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
     labels = _ordered(df["label"])
-    palette = plotting.config_palette(labels)
+    palette = figures.config_palette(labels)
     fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False, sharey=True)
     for ax, setting in zip(axes.flat, settings):
         sub = df[df["setting"] == setting]
@@ -275,7 +275,7 @@ def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:
     for setting in settings:
         s = last.loc[setting]
         text.append(f"{setting}: {_extremes(s)}")
-    plotting.caption(fig, f"Mean reward over the last {_steps(w)}: " + "; ".join(text) + ".")
+    figures.caption(fig, f"Mean reward over the last {_steps(w)}: " + "; ".join(text) + ".")
     return fig
 
 
@@ -286,7 +286,7 @@ def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame,
     out = outcomes[outcomes["policy_loss"] == "ppo"]
     acc = accuracy[accuracy["setting"].isin(out["setting"].unique())].copy()
     labels = _ordered(out["label"])
-    palette = plotting.config_palette(labels)
+    palette = figures.config_palette(labels)
     lags = sorted(out["async_lag"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     width = 0.8 / max(1, len(labels))
@@ -328,7 +328,7 @@ def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame,
         text.append(f"lag {lag}: unstable runs, no KL {int(nk['unstable'].sum())}/{len(nk)}, with k1 in reward / "
                     f"k3 in loss / k3 in loss (token IS) {int(kl['unstable'].sum())}/{len(kl)}, k1 in loss "
                     f"{int(k1l['unstable'].sum())}/{len(k1l)}")
-    plotting.caption(fig, "; ".join(text) + ". A diverged run counts 0 in the accuracy panels.")
+    figures.caption(fig, "; ".join(text) + ". A diverged run counts 0 in the accuracy panels.")
     return fig
 
 
@@ -382,7 +382,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     """Write the report (module docstring) into ``out_dir``; returns the path of ``index.html``."""
     runs_dir, notebooks_dir, out_dir = Path(runs_dir), Path(notebooks_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plotting.setup()
+    figures.setup()
     tables = load_tables(runs_dir)
     outcomes = fnd.run_outcomes(tables)
     rng = np.random.default_rng(seed)
@@ -402,12 +402,12 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     write_text(out_dir / "paper_comparison.csv", comparison.to_csv(index=False))
     write_json(out_dir / "findings.json", [f.to_dict() for f in found])
 
-    figures: list[tuple[str, str]] = []  # (stem, title)
+    saved: list[tuple[str, str]] = []  # (stem, title)
 
     def save(fig: plt.Figure, stem: str, title: str) -> None:
-        plotting.save_figure(fig, out_dir / stem)
+        figures.save_figure(fig, out_dir / stem)
         plt.close(fig)
-        figures.append((stem, title))
+        saved.append((stem, title))
 
     settings = set(tables.results["setting"])
     if fnd.ON_POLICY in settings:
@@ -426,7 +426,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>KL estimators: report</title>"
              f"<style>{_STYLE}</style></head><body>",
              "<header><h1>A Comedy of Estimators: small-scale reproduction report</h1>",
-             f"<p>Produced by <code>python -m kl_lib.site --runs {html.escape(str(runs_dir))} --notebooks "
+             f"<p>Produced by <code>python -m kl_lib.study.site --runs {html.escape(str(runs_dir))} --notebooks "
              f"{html.escape(str(notebooks_dir))} --out {html.escape(str(out_dir))}</code> at git commit "
              f"<code>{html.escape(prov['git_commit'])}</code> on {html.escape(prov['date'])}, machine "
              f"{html.escape(prov['machine'])}. {len(tables.results)} runs from <code>{html.escape(str(runs_dir))}</code>; "
@@ -436,7 +436,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
                      'only show that the pipeline works, not what the study finds.</p>')
     parts.append("</header>")
     parts.append("<h2>Findings</h2><p>Hypotheses from the paper, tested with rules fixed in advance "
-                 "(<code>kl_lib.findings</code>): a difference is supported when its 95% interval excludes 0 in the "
+                 "(<code>kl_lib.study.findings</code>): a difference is supported when its 95% interval excludes 0 in the "
                  "claimed direction; a rate comparison when the one-sided Fisher exact p &lt; 0.05.</p><ul>")
     for f in found:
         nums = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in f.numbers.items()
@@ -447,7 +447,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     parts.append("</ul>")
     parts.append("<h2>The paper's outcomes next to ours (different scales)</h2>" + _table_html(comparison))
     parts.append("<h2>Figures</h2>")
-    for stem, title in figures:
+    for stem, title in saved:
         parts.append(f'<h3>{html.escape(title)}</h3><p><img src="{stem}.png" alt="{html.escape(title)}"> '
                      f'<br><a href="{stem}.svg">SVG</a></p>')
     acc_cols = [c for c in accuracy.columns if "Δbase low" not in c and "Δbase high" not in c]
@@ -470,7 +470,7 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kl_lib.site", description="Build the static report.")
+    parser = argparse.ArgumentParser(prog="python -m kl_lib.study.site", description="Build the static report.")
     parser.add_argument("--runs", default="runs/rl", help="sweep runs directory (default runs/rl)")
     parser.add_argument("--notebooks", default="runs/notebooks", help="executed notebooks (*.html) to link")
     parser.add_argument("--out", default="runs/report", help="output directory (default runs/report)")

@@ -37,7 +37,7 @@ from torch import Tensor
 from kl_lib import objectives
 from kl_lib.config import KLConfig
 from kl_lib.estimators import analytic
-from kl_lib.toy import MarkovPolicy, TabularPolicy, check_compatible
+from kl_lib.toy.policies import MarkovPolicy, TabularPolicy, check_compatible
 
 __all__ = [
     "all_sequences",

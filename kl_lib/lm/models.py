@@ -11,7 +11,7 @@ the attention mask gives the same log-probs as no padding) of about 1 M paramete
 same code path that loads a hub model by name.
 
 Loading (:func:`load_tokenizer`, :func:`load_model`) takes a local directory, a hub id or a preset name from
-:mod:`kl_lib.presets` and applies the preset: left padding, pad = eos when the tokenizer has no pad token, chat
+:mod:`kl_lib.lm.presets` and applies the preset: left padding, pad = eos when the tokenizer has no pad token, chat
 template or raw prompts, the chat turn's end token as eos, gradient checkpointing, the GPU dtype of frozen
 weights. A hub id goes to ``from_pretrained`` unchanged (the hub, or the Hugging Face cache with
 ``HF_HUB_OFFLINE=1``); when neither answers, the error names the model and the three ways to fix it.
@@ -28,7 +28,6 @@ on two CPU cores, and the pretrained model that runs here has 135 M parameters w
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -39,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from kl_lib.presets import ModelPreset, get_preset, resolve
+from kl_lib.files import file_digest
+from kl_lib.lm.presets import ModelPreset, get_preset, resolve
 
 __all__ = ["ALPHABET", "CHAT_TEMPLATE", "GGUF_SOURCE_FILE", "SPECIAL_TOKENS", "ModelUnavailableError",
            "build_tokenizer", "check_lora_targets", "encode_prompts", "ensure_gguf_cache", "format_prompt",
@@ -266,6 +266,20 @@ def check_lora_targets(model: torch.nn.Module, targets: tuple[str, ...] | list[s
     return counts
 
 
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: tuple[str, ...] | list[str]):
+    """``model`` wrapped with fresh LoRA adapters (no dropout, no bias) on the linear layers named ``targets``.
+
+    The targets are checked first (:func:`check_lora_targets`), so a misspelt name fails listing the real ones
+    instead of peft's generic error. The adapters' initialisation draws from torch's global generator: seed it
+    before calling for reproducible adapters.
+    """
+    from peft import LoraConfig, get_peft_model  # peft is heavy; only LoRA runs pay for the import
+
+    check_lora_targets(model, targets)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+                                            bias="none"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GGUF presets: dequantise once, cache as safetensors
 # ------------------------------------------------------------------------------------------------------------
@@ -333,14 +347,6 @@ def _savable(model):
     return plain
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_cache(cache: Path, tokenizer, model, info: dict) -> Path:
     """Save into a temporary sibling and rename it into place: an interrupted build leaves no cache behind."""
     import transformers
@@ -386,7 +392,7 @@ def ensure_gguf_cache(preset: str | ModelPreset, root: str | os.PathLike | None 
     if _cache_is_current(cache, info):
         return cache
     tokenizer, model = _load_gguf(preset, path)
-    return _write_cache(cache, tokenizer, model, {**info, "gguf_sha256": _sha256(path)})
+    return _write_cache(cache, tokenizer, model, {**info, "gguf_sha256": file_digest(path)})
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ that the base model partly knows it. Deterministic from
 the seed on CPU: the weight initialisation runs under a forked RNG seeded with ``seed``, batches are drawn
 with an explicit ``torch.Generator``.
 
-    python -m kl_lib.sft --out data/models/tiny-base [--steps 3000] [--seed 0]
+    python -m kl_lib.lm.sft --out data/models/tiny-base [--steps 3000] [--seed 0]
 
 writes a ``save_pretrained`` model + tokenizer, ``sft.json`` (config, versions, loss curve, greedy accuracy)
 and ``DONE`` last; an existing directory with the same config is left alone (``--force`` rebuilds).
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kl_lib.evaluate import greedy_accuracy
-from kl_lib.models import build_tokenizer, format_prompt, tiny_llama_config
-from kl_lib.runs import environment_info, write_json
+from kl_lib.lm.evaluate import greedy_accuracy
+from kl_lib.lm.models import build_tokenizer, format_prompt, tiny_llama_config
+from kl_lib.files import config_digest, environment_info, write_json
 from kl_lib.tasks.arithmetic import Problem, load_split, write_splits
 
 __all__ = ["SFTConfig", "SMOKE", "train_base_model", "encode_sft"]
@@ -77,7 +77,7 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.stop_at_probe_accuracy={self.stop_at_probe_accuracy!r} must be in (0, 1]")
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_digest(dataclasses.asdict(self))
 
 
 SMOKE = SFTConfig(steps=200, batch_size=64, hidden_size=64, num_layers=2, probe_every=0)

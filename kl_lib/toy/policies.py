@@ -11,9 +11,9 @@ lexicographic order (``itertools.product(range(V), repeat=len)``). The row of pr
 rows at one depth depend only on the last token (``as_tabular``), and its exact quantities can be computed by
 dynamic programming over (position, previous token) for T in the hundreds.
 
-Both expose the same small interface used by ``kl_lib.exact``: ``gather_logits(sequences, logits)`` returns the
+Both expose the same small interface used by ``kl_lib.toy.exact``: ``gather_logits(sequences, logits)`` returns the
 ``(N, T, V)`` logits that sequence n sees at each step, with the property that a sequence never reads the
-same parameter row twice (which makes per-sequence gradients cheap, see ``kl_lib.exact``).
+same parameter row twice (which makes per-sequence gradients cheap, see ``kl_lib.toy.exact``).
 
 Departure from the paper: the paper's toy model is a parametric binary autoregressive model; the tabular
 policy is the fully expressive version and the Markov policy the long-horizon one.

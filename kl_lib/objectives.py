@@ -1,4 +1,4 @@
-"""Every KL configuration's loss term, implemented once (DESIGN.md §3).
+"""Every KL configuration's loss term, implemented once (docs/contract.md §3).
 
 For a sampled sequence y ~ μ with per-token estimates k_t (``kl_lib.estimators``), the configuration adds to the
 loss that is *minimised*
@@ -22,43 +22,149 @@ The expression is split into pieces so that ``kl_lib.toy.exact`` can also use it
 detached coefficients (c_t, W) depend on the whole sequence, the differentiable factors (u_t, v_t·k_t) on one
 token and its state only.
 
+Inputs. ``logp``, ``ref_logp``, ``behavior_logp`` and ``mask`` are ``(B, T)``, all of one shape; full
+log-probabilities ``logprobs``/``ref_logprobs`` are ``(B, T, V)`` over the same ``(B, T)``; the mask is bool or
+0/1. Anything else, and an empty batch (B = 0 or T = 0), is a ``ValueError`` naming the tensor, raised before
+any compute. Masked positions (m_t = 0) are replaced before any arithmetic: their log-probs by 0 (so δ = 0,
+ω = 1) and their vocabulary rows dropped from the analytic sum. Whatever they hold (NaN, ±inf, huge log-ratios)
+they therefore contribute exactly nothing to the loss, the metrics and the gradient, which is exactly 0 there.
+Because the batch loss is a weighted sum of per-sequence terms, never divided by the batch's token count, a
+sequence without valid tokens contributes 0, and so does a batch made only of such sequences: an all-padding
+batch gives loss 0, gradient 0 and metrics 0 (not an error), so a batch split into micro-batches or chunks
+never fails on a part that happens to be all padding.
+
 Departure from the paper: the paper folds the reward penalty into RLOO's rewards (so the leave-one-out baseline
 also applies to it); here the penalty has no baseline. Both are unbiased; the RL trainer may subtract a baseline
 from ``reward_coefficients`` itself. ``aggregation="token_mean"`` divides each sequence's term by its number
-of valid tokens: a different objective, offered because several libraries use it, never the default.
+of valid tokens (by 1 when it has none): a different objective, offered because several libraries use it,
+never the default.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from kl_lib.config import KLConfig
-from kl_lib.estimators import ESTIMATORS, analytic, clamp_log_ratio, get_estimator
+from kl_lib.estimators import (
+    ESTIMATORS,
+    Estimator,
+    analytic,
+    clamp_log_ratio,
+    get_estimator,
+)
 
 __all__ = [
+    "AGGREGATIONS",
     "estimate",
     "importance_log_weights",
-    "token_factors",
+    "kl_metrics",
+    "kl_term",
+    "per_sequence_loss",
     "reward_coefficients",
     "sequence_weights",
-    "per_sequence_loss",
-    "kl_term",
-    "kl_metrics",
-    "AGGREGATIONS",
+    "token_factors",
 ]
 
 AGGREGATIONS: tuple[str, ...] = ("sum", "token_mean")
 
 
-def _mask_like(logp: Tensor, mask: Tensor | None) -> Tensor:
+class _Inputs(NamedTuple):
+    """Checked inputs; the ``(B, T)`` log-probs hold 0 at masked positions (the full rows are masked in
+    ``analytic``)."""
+
+    logp: Tensor
+    ref_logp: Tensor
+    mask: Tensor  # bool
+    behavior_logp: Tensor | None
+    logprobs: Tensor | None
+    ref_logprobs: Tensor | None
+
+
+def _check_shape(name: str, x: Tensor, like: Tensor, like_name: str = "logp") -> None:
+    if x.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but {like_name} has {tuple(like.shape)}; both must be (B, T)"
+        )
+
+
+def _valid_mask(mask: Tensor | None, like: Tensor, like_name: str = "logp") -> Tensor:
+    """The bool validity mask for ``like`` (None = all valid): same shape, bool or 0/1 values."""
     if mask is None:
-        return torch.ones_like(logp, dtype=torch.bool)
-    if mask.shape != logp.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but logp has shape {tuple(logp.shape)}; both (B, T)")
+        return torch.ones_like(like, dtype=torch.bool)
+    _check_shape("mask", mask, like, like_name)
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"mask (dtype {mask.dtype}) holds values other than 0 and 1; pass a bool mask (True = valid token)"
+        )
     return mask.bool()
+
+
+def _check_full(logp: Tensor, logprobs: Tensor | None, ref_logprobs: Tensor | None) -> None:
+    for name, full in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        if full is not None and (full.dim() != logp.dim() + 1 or full.shape[:-1] != logp.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(full.shape)} but logp has {tuple(logp.shape)}; "
+                f"{name} must be (B, T, V) for logp's (B, T)"
+            )
+    if logprobs is not None and ref_logprobs is not None and logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"logprobs has shape {tuple(logprobs.shape)} but ref_logprobs has {tuple(ref_logprobs.shape)}; "
+            "both must be (B, T, V) over the same vocabulary"
+        )
+
+
+def _checked(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor | None,
+    behavior_logp: Tensor | None = None,
+    logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    *,
+    batch: bool = True,
+) -> _Inputs:
+    """Check the inputs (``batch``: a non-empty ``(B, T)``; else any one shape) and replace masked entries."""
+    if batch and logp.dim() != 2:
+        raise ValueError(f"logp has shape {tuple(logp.shape)}; expected (B, T), one row per sequence")
+    if batch and logp.numel() == 0:
+        raise ValueError(
+            f"empty batch: logp has shape {tuple(logp.shape)}; pass at least one sequence (B ≥ 1) of at least "
+            "one position (T ≥ 1)"
+        )
+    _check_shape("ref_logp", ref_logp, logp)
+    if behavior_logp is not None:
+        _check_shape("behavior_logp", behavior_logp, logp)
+    _check_full(logp, logprobs, ref_logprobs)
+    m = _valid_mask(mask, logp)
+
+    def safe(x: Tensor | None) -> Tensor | None:
+        return None if x is None else torch.where(m, x, 0.0)
+
+    return _Inputs(safe(logp), safe(ref_logp), m, safe(behavior_logp), logprobs, ref_logprobs)
+
+
+def _require_full(config: KLConfig, logprobs: Tensor | None, ref_logprobs: Tensor | None) -> None:
+    if get_estimator(config.estimator).full_distribution and (logprobs is None or ref_logprobs is None):
+        raise ValueError(
+            f"estimator {config.estimator!r} needs the full next-token log-probabilities: "
+            "pass logprobs and ref_logprobs of shape (B, T, V)"
+        )
+
+
+def _estimate(est: Estimator, x: _Inputs, clamp: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(k, clip_fraction)`` of ``est`` on checked inputs; k is 0 at masked positions."""
+    clip_fraction = None
+    if est.full_distribution:
+        k = analytic(x.logprobs, x.ref_logprobs.detach(), x.mask)
+    else:
+        log_ratio = x.logp - x.ref_logp.detach()
+        if clamp is not None:
+            log_ratio, clip_fraction = clamp_log_ratio(log_ratio, clamp, x.mask)
+        k = est.of_log_ratio(log_ratio)
+    return torch.where(x.mask, k, torch.zeros_like(k)), clip_fraction
 
 
 def estimate(
@@ -72,45 +178,26 @@ def estimate(
     """Per-token estimates k_t for the configuration's estimator.
 
     Args:
-        logp: ``(B, T)`` log π_θ of the sampled tokens (differentiable).
+        logp: ``(B, T)`` log π_θ of the sampled tokens (differentiable). Elementwise, so any one shape is
+            accepted (``kl_lib.toy.exact`` passes its ``(T, V, V)`` grid).
         ref_logp: ``(B, T)`` log π_ref of the sampled tokens.
-        mask: ``(B, T)`` validity mask (None = all valid).
+        mask: ``(B, T)`` validity mask, bool or 0/1 (None = all valid).
         logprobs, ref_logprobs: ``(B, T, V)`` full next-token log-probabilities, required by ``analytic`` only.
 
     Returns:
-        ``(k, clip_fraction)``: k is ``(B, T)`` with 0 at masked positions; clip_fraction is a 0-dim tensor
-        when ``config.log_ratio_clamp`` is set, else None.
+        ``(k, clip_fraction)``: k is ``(B, T)``, exactly 0 with zero gradient at masked positions;
+        clip_fraction is a 0-dim tensor when ``config.log_ratio_clamp`` is set, else None.
     """
-    m = _mask_like(logp, mask)
-    est = get_estimator(config.estimator)
-    clip_fraction = None
-    if est.full_distribution:
-        if logprobs is None or ref_logprobs is None:
-            raise ValueError(
-                f"estimator {config.estimator!r} needs the full next-token log-probabilities: "
-                "pass logprobs and ref_logprobs of shape (B, T, V)"
-            )
-        k = analytic(logprobs, ref_logprobs.detach())
-    else:
-        log_ratio = logp - ref_logp.detach()
-        if config.log_ratio_clamp is not None:
-            log_ratio, clip_fraction = clamp_log_ratio(log_ratio, config.log_ratio_clamp, m)
-        k = est.of_log_ratio(log_ratio)
-    return torch.where(m, k, torch.zeros_like(k)), clip_fraction
-
-
-def _check_behavior(logp: Tensor, behavior_logp: Tensor | None) -> None:
-    if behavior_logp is not None and behavior_logp.shape != logp.shape:
-        raise ValueError(
-            f"behavior_logp has shape {tuple(behavior_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)"
-        )
+    _require_full(config, logprobs, ref_logprobs)
+    x = _checked(logp, ref_logp, mask, logprobs=logprobs, ref_logprobs=ref_logprobs, batch=False)
+    return _estimate(get_estimator(config.estimator), x, config.log_ratio_clamp)
 
 
 def importance_log_weights(logp: Tensor, behavior_logp: Tensor | None) -> Tensor:
     """log ω_t = logp_t − behavior_logp_t, differentiable through logp; on-policy (None) it is 0 in value."""
     if behavior_logp is None:
         return logp - logp.detach()
-    _check_behavior(logp, behavior_logp)
+    _check_shape("behavior_logp", behavior_logp, logp)
     return logp - behavior_logp.detach()
 
 
@@ -122,20 +209,41 @@ def token_factors(config: KLConfig, logp: Tensor, k: Tensor, behavior_logp: Tens
     return logp, k
 
 
-def reward_coefficients(k: Tensor, mask: Tensor | None = None, reward_to_go: bool = False) -> Tensor:
-    """Detached reward-penalty coefficients c_t, ``(B, T)``: the sequence sum of k, or its reward-to-go."""
-    k = torch.where(_mask_like(k, mask), k.detach(), torch.zeros_like(k))
+def _coefficients(k: Tensor, m: Tensor, reward_to_go: bool) -> Tensor:
+    k = torch.where(m, k.detach(), torch.zeros_like(k))
     if reward_to_go:
         return k.flip(-1).cumsum(-1).flip(-1)
     return k.sum(-1, keepdim=True).expand_as(k)
 
 
-def sequence_weights(config: KLConfig, logp: Tensor, behavior_logp: Tensor | None, mask: Tensor | None) -> Tensor:
-    """Detached per-sequence weights ``(B,)``: W = Π_t ω_t for ``"sequence"`` weighting, else ones."""
+def reward_coefficients(k: Tensor, mask: Tensor | None = None, reward_to_go: bool = False) -> Tensor:
+    """Detached reward-penalty coefficients c_t, ``(B, T)``: the sequence sum of k, or its reward-to-go."""
+    return _coefficients(k, _valid_mask(mask, k, "k"), reward_to_go)
+
+
+def _sequence_weights(config: KLConfig, logp: Tensor, behavior_logp: Tensor | None, m: Tensor) -> Tensor:
     if config.importance_weighting != "sequence" or behavior_logp is None:
         return torch.ones(logp.shape[0], dtype=logp.dtype, device=logp.device)
-    log_w = torch.where(_mask_like(logp, mask), importance_log_weights(logp, behavior_logp).detach(), 0.0)
+    log_w = torch.where(m, importance_log_weights(logp, behavior_logp).detach(), 0.0)
     return log_w.sum(-1).exp()
+
+
+def sequence_weights(config: KLConfig, logp: Tensor, behavior_logp: Tensor | None, mask: Tensor | None) -> Tensor:
+    """Detached per-sequence weights ``(B,)``: W = Π_t ω_t for ``"sequence"`` weighting, else ones."""
+    if behavior_logp is not None:
+        _check_shape("behavior_logp", behavior_logp, logp)
+    return _sequence_weights(config, logp, behavior_logp, _valid_mask(mask, logp))
+
+
+def _per_sequence(config: KLConfig, x: _Inputs, k: Tensor) -> Tensor:
+    u, vk = token_factors(config, x.logp, k, x.behavior_logp)
+    per_token = torch.zeros_like(x.logp)
+    if config.in_reward:
+        per_token = per_token + _coefficients(k, x.mask, config.reward_to_go) * u
+    if config.in_loss:
+        per_token = per_token + vk
+    per_token = torch.where(x.mask, per_token, torch.zeros_like(per_token))
+    return config.beta * _sequence_weights(config, x.logp, x.behavior_logp, x.mask) * per_token.sum(-1)
 
 
 def per_sequence_loss(
@@ -147,47 +255,15 @@ def per_sequence_loss(
     behavior_logp: Tensor | None = None,
     logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    k: Tensor | None = None,
 ) -> Tensor:
     """L(y) for each sequence, ``(B,)``: the formula in this module's docstring (sum over tokens).
 
-    ``k`` may be passed when the caller already has ``estimate(...)[0]`` for the same inputs.
+    Arguments as for :func:`kl_term`.
     """
-    m = _mask_like(logp, mask)
-    if k is None:
-        k, _ = estimate(config, logp, ref_logp, m, logprobs, ref_logprobs)
-    u, vk = token_factors(config, logp, k, behavior_logp)
-    per_token = torch.zeros_like(logp)
-    if config.in_reward:
-        per_token = per_token + reward_coefficients(k, m, config.reward_to_go) * u
-    if config.in_loss:
-        per_token = per_token + vk
-    per_token = torch.where(m, per_token, torch.zeros_like(per_token))
-    return config.beta * sequence_weights(config, logp, behavior_logp, m) * per_token.sum(-1)
-
-
-@torch.no_grad()
-def kl_metrics(
-    logp: Tensor,
-    ref_logp: Tensor,
-    mask: Tensor | None = None,
-    weights: Tensor | None = None,
-    logprobs: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Weighted means over sequences of Σ_t k_t for every estimator (``kl/k1`` … ``kl/analytic``), detached."""
-    m = _mask_like(logp, mask)
-    w = _sample_weights(weights, logp)
-    out = {}
-    for name, est in ESTIMATORS.items():
-        if est.full_distribution:
-            if logprobs is None or ref_logprobs is None:
-                continue
-            k = analytic(logprobs, ref_logprobs)
-        else:
-            k = est.of_log_ratio(logp - ref_logp)
-        out[f"kl/{name}"] = (w * torch.where(m, k, torch.zeros_like(k)).sum(-1)).sum()
-    return out
+    _require_full(config, logprobs, ref_logprobs)
+    x = _checked(logp, ref_logp, mask, behavior_logp, logprobs, ref_logprobs)
+    k, _ = _estimate(get_estimator(config.estimator), x, config.log_ratio_clamp)
+    return _per_sequence(config, x, k)
 
 
 def _sample_weights(weights: Tensor | None, logp: Tensor) -> Tensor:
@@ -196,6 +272,33 @@ def _sample_weights(weights: Tensor | None, logp: Tensor) -> Tensor:
     if weights.shape != logp.shape[:1]:
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({logp.shape[0]},), one per sequence")
     return weights.detach()
+
+
+@torch.no_grad()
+def _metrics(x: _Inputs, w: Tensor) -> dict[str, Tensor]:
+    out = {}
+    for name, est in ESTIMATORS.items():
+        if est.full_distribution and (x.logprobs is None or x.ref_logprobs is None):
+            continue
+        k, _ = _estimate(est, x)
+        out[f"kl/{name}"] = (w * k.sum(-1)).sum()
+    return out
+
+
+def kl_metrics(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Weighted means over sequences of Σ_t k_t for every estimator (``kl/k1`` … ``kl/analytic``), detached.
+
+    ``kl/analytic`` only when both full log-probabilities are given. Arguments as for :func:`kl_term`.
+    """
+    x = _checked(logp.detach(), ref_logp.detach(), mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    return _metrics(x, _sample_weights(weights, logp))
 
 
 def kl_term(
@@ -214,31 +317,30 @@ def kl_term(
 
     Args:
         config: the KL configuration.
-        logp: ``(B, T)`` log π_θ(y_t|s_t) of the sampled tokens, differentiable.
+        logp: ``(B, T)`` log π_θ(y_t|s_t) of the sampled tokens, differentiable; B, T ≥ 1.
         ref_logp: ``(B, T)`` log π_ref(y_t|s_t), treated as a constant.
-        mask: ``(B, T)`` bool validity mask (None = all valid).
+        mask: ``(B, T)`` validity mask, bool or 0/1 (None = all valid). Masked positions may hold anything.
         behavior_logp: ``(B, T)`` log μ(y_t|s_t) of the policy that sampled y; None means on-policy (μ = π_θ).
         logprobs, ref_logprobs: ``(B, T, V)`` full log-probabilities (``analytic`` estimator and metric only).
         weights: ``(B,)`` sample weights, default 1/B (Monte Carlo mean); exact analysis passes μ(y).
-        aggregation: ``"sum"`` over tokens (DESIGN.md, default) or ``"token_mean"`` per sequence.
+        aggregation: ``"sum"`` over tokens (docs/contract.md §3, default) or ``"token_mean"`` per sequence.
 
     Returns:
-        ``(loss, metrics)``: loss is a 0-dim tensor to add to the minimised objective; metrics holds detached
-        0-dim tensors ``kl/term``, ``kl/k1`` … and ``kl/clip_fraction`` when a clamp is configured.
+        ``(loss, metrics)``: loss is a 0-dim tensor to add to the minimised objective (0 for an all-padding
+        batch); metrics holds detached 0-dim tensors ``kl/term``, ``kl/k1`` … and ``kl/clip_fraction`` (over
+        valid tokens, 0 when there are none) when a clamp is configured.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r} is not valid; choose one of {', '.join(map(repr, AGGREGATIONS))}")
-    if ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)} but logp has {tuple(logp.shape)}; both (B, T)")
-    _check_behavior(logp, behavior_logp)
-    m = _mask_like(logp, mask)
+    _require_full(config, logprobs, ref_logprobs)
+    x = _checked(logp, ref_logp, mask, behavior_logp, logprobs, ref_logprobs)
     w = _sample_weights(weights, logp)
-    k, clip_fraction = estimate(config, logp, ref_logp, m, logprobs, ref_logprobs)
-    per_seq = per_sequence_loss(config, logp, ref_logp, m, behavior_logp=behavior_logp, k=k)
+    k, clip_fraction = _estimate(get_estimator(config.estimator), x, config.log_ratio_clamp)
+    per_seq = _per_sequence(config, x, k)
     if aggregation == "token_mean":
-        per_seq = per_seq / m.sum(-1).clamp_min(1).to(per_seq.dtype)
+        per_seq = per_seq / x.mask.sum(-1).clamp_min(1).to(per_seq.dtype)
     loss = (w * per_seq).sum()
-    metrics = kl_metrics(logp, ref_logp, m, w, logprobs, ref_logprobs)
+    metrics = _metrics(x, w)
     metrics["kl/term"] = loss.detach()
     if clip_fraction is not None:
         metrics["kl/clip_fraction"] = clip_fraction.detach()

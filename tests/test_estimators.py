@@ -7,7 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kl_lib.estimators import ESTIMATORS, Estimator, _register, analytic, clamp_log_ratio, get_estimator, k1, k2, k3
+from kl_lib.estimators import (
+    ESTIMATORS,
+    Estimator,
+    _register,
+    analytic,
+    clamp_log_ratio,
+    get_estimator,
+    k1,
+    k2,
+    k3,
+)
 
 logit_vectors = st.integers(2, 8).flatmap(
     lambda v: st.tuples(
@@ -73,6 +83,22 @@ def test_analytic_matches_sum_and_handles_zero_probabilities():
     assert torch.isfinite(lp.grad).all()
     # π > 0 where π_ref = 0: infinite KL, not NaN
     assert analytic(ref, lp.detach()) == float("inf")
+
+
+def test_analytic_mask_drops_invalid_states_with_zero_gradient():
+    """A masked state's KL is exactly 0 and its gradient exactly 0 even when its rows hold NaN or ±inf; valid
+    states are untouched bit for bit."""
+    lp = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+    ref = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+    mask = torch.tensor([True, False, True])
+    lp[1], ref[1] = torch.tensor([math.nan, math.inf, -math.inf, 1e4]), torch.tensor([-math.inf, math.nan, 0, -1e4])
+    lp.requires_grad_()
+    kl = analytic(lp, ref, mask)
+    (grad,) = torch.autograd.grad(kl.sum(), lp)
+    assert kl[1] == 0 and torch.equal(grad[1], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(kl[mask], analytic(lp[mask], ref[mask])) and torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="mask"):
+        analytic(lp, ref, mask[:2])
 
 
 def test_analytic_shape_mismatch_is_a_clear_error():

@@ -10,7 +10,7 @@ Notation (docs/contract.md §1): for a sampled token y_t at state s_t,
 and the estimators, each a function of δ alone (Schulman, "Approximating KL divergence"):
 
     k1 = δ                                   E_{y_t~π}[k1 | s_t] = KL(π(·|s_t) ‖ π_ref(·|s_t)), can be < 0
-    k2 = ½ δ²                                biased upward (= KL + O(δ³) near π = π_ref)
+    k2 = ½ δ²                                biased: = KL + O(δ³) near π = π_ref; either sign
     k3 = ρ − 1 + δ = expm1(−δ) + δ ≥ 0       unbiased, the control-variate form of k1
 
 plus ``analytic``, the exact per-state KL summed over the whole vocabulary, which needs the full

@@ -1,9 +1,27 @@
 """Configuration of an RL fine-tuning run: one dataclass, every field documented, validated before any compute.
 
 A run is described by YAML (``configs/*.yaml``) or keyword overrides ``--set key=value`` (dotted keys reach
-into the KL section: ``--set kl.estimator=k3``). Unknown keys and invalid values raise ``ValueError`` naming
-the field and the allowed values. :meth:`RLConfig.run_name` is a deterministic name, and :meth:`digest` a hash
-of every field that changes results, so that a sweep can tell a finished run from a changed one.
+into the KL section: ``--set kl.estimator=k3``). :meth:`RLConfig.run_name` is a deterministic name, and
+:meth:`digest` a hash of every field that changes results, so that a sweep can tell a finished run from a
+changed one.
+
+How text becomes a config (:func:`load_config`, :func:`from_dict`, :func:`apply_overrides`):
+
+* a number field takes a number in any spelling Python's ``float()`` reads (``1e-3``, ``1E3``, ``.5``,
+  ``1_000``), in a file as on the command line: PyYAML follows YAML 1.1, which reads ``1e-3`` as a string.
+  An integer field takes integer spellings only (``1e3`` and ``3.0`` are refused, naming ``1000`` and ``3``), up
+  to 2³¹ − 1; ``inf`` and ``nan`` are refused where a field needs a finite value;
+* a true/false field takes YAML's unquoted booleans only (``"yes"`` in quotes is refused);
+* ``lora_targets`` is a list, or one string of comma-separated module names (``q_proj`` or ``q_proj,v_proj``);
+* ``model`` and ``runs_dir`` may not be empty, and no text field may be ``null``; ``--set`` gives a text field
+  its value verbatim (``--set name=1e3`` is the name ``1e3``);
+* ``kl`` is a mapping merged over the default KL settings;
+* relative paths are read from the current directory (as ``from_pretrained`` and ``open`` do); a relative model
+  or data directory that is missing there but present beside the config file is reported with where to run.
+
+Every bad input is one :class:`ConfigError` line (a ``ValueError``; ``FileNotFoundError`` for a missing file)
+that starts with the file, or the ``--set`` item, names the field (an unknown key with the closest valid one)
+and says what to write instead. :func:`load_sweep_spec` reads and checks a sweep file the same way.
 
 Defaults follow the paper's on-policy setting (RLOO, one gradient step per batch, sequence-sum KL with k1 in
 the reward) at a scale that runs on two CPU cores.
@@ -28,8 +46,8 @@ from kl_lib.files import config_digest
 from kl_lib.objectives import AGGREGATIONS
 from kl_lib.tasks import task_names
 
-__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "ConfigError", "RLConfig", "apply_overrides", "from_dict",
-           "load_config", "read_yaml"]
+__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS", "ConfigError", "RLConfig",
+           "apply_overrides", "check_sweep_spec", "from_dict", "load_config", "load_sweep_spec", "read_yaml"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
@@ -138,9 +156,10 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.kl, dict):
+            _check_keys("KL", self.kl, _KL_FIELDS)
             object.__setattr__(self, "kl", KLConfig(**self.kl))
         if not isinstance(self.kl, KLConfig):
-            raise ValueError(f"RLConfig.kl={self.kl!r} must be a mapping of KL settings, e.g. kl: {{estimator: k3, "
+            raise ValueError(f"RLConfig.kl={_short(self.kl)} must be a mapping of KL settings, e.g. kl: {{estimator: k3, "
                              "placement: loss} (on the command line --set kl.estimator=k3)")
         object.__setattr__(self, "lora_targets", _module_names(self.lora_targets))
         _check_fields(self)
@@ -220,7 +239,8 @@ def _check_fields(cfg: RLConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             # a ValueError like every config error, which the CLI reports as one
-            raise ValueError(f"RLConfig.{name}={value!r} must be true or false (unquoted in YAML: {name}: false)")  # noqa: TRY004
+            raise ValueError(  # noqa: TRY004
+                f"RLConfig.{name}={value!r} must be true or false (unquoted in YAML: {name}: false)")
     if not is_finite_number(cfg.vllm_gpu_memory_utilization) or not 0 < cfg.vllm_gpu_memory_utilization < 1:
         raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={_short(cfg.vllm_gpu_memory_utilization)} must be "
                          "a number in (0, 1)")
@@ -391,7 +411,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError("must look like key=value (e.g. kl.beta=0.3)")
             if key.startswith("kl."):
                 _check_keys("KL", [key[3:]], _KL_FIELDS)
-                raw["kl"] = {**_kl_mapping(raw.get("kl", {})), key[3:]: _parse_override(_KL_FIELDS[key[3:]], text)}
+                kl = raw.get("kl", {})
+                if isinstance(kl, dict):  # else from_dict reports the file's kl section
+                    raw["kl"] = {**kl, key[3:]: _parse_override(_KL_FIELDS[key[3:]], text)}
             else:
                 _check_keys("config", [key], _FIELDS)
                 raw[key] = _parse_override(_FIELDS[key], text)
@@ -450,3 +472,102 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     except ValueError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweep files (kl_lib.rl.sweep documents the format)
+# ------------------------------------------------------------------------------------------------------------
+
+SWEEP_KEYS = ("base", "eval", "groups", "smoke")
+SWEEP_GROUP_KEYS = ("betas", "kl", "seeds", "set")
+_PER_RUN = {"seed": "seeds are listed per group: seeds: [0, 1, 2]",
+            "kl": "KL settings are listed per group: kl: [{estimator: k1, placement: reward}]"}
+
+
+def _run_fields(where: str, value: Any, extra: tuple[str, ...] = ()) -> None:
+    """``base``, ``smoke`` or a group's ``set``: an optional mapping of RLConfig fields (and ``extra`` keys),
+    without the per-run ``seed`` and ``kl``, which the sweep would silently replace."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}={_short(value)} must be a mapping of RLConfig fields, e.g. {{steps: 100}}")
+    _check_keys(f"{where}", value, {*_FIELDS, *extra})
+    for key, why in _PER_RUN.items():
+        if key in value:
+            raise ConfigError(f"{where}.{key} would be replaced in every run: {why}")
+
+
+def _list_of(where: str, value: Any, kind: type, example: str) -> None:
+    """``seeds`` (integers ≥ 0) or ``betas`` (finite numbers ≥ 0): a non-empty list, when given."""
+    if value is None:
+        return
+    items = [_read_number(kind, v) for v in value] if isinstance(value, list) else []
+    if not items or not all(_nonnegative(kind, v) for v in items):
+        what = "integers ≥ 0" if kind is int else "finite numbers ≥ 0"
+        raise ConfigError(f"{where}={_short(value)} must be a non-empty list of {what}, e.g. {example}")
+
+
+def _nonnegative(kind: type, value: Any) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT
+    return is_finite_number(value) and value >= 0
+
+
+def _check_group(where: str, group: Any) -> None:
+    if not isinstance(group, dict) or not group:
+        raise ConfigError(f"{where}={_short(group)} must be a mapping with kl (and seeds, betas, set), e.g. "
+                          "{kl: [{estimator: k1, placement: reward}], seeds: [0, 1, 2], betas: [0.1]}")
+    _check_keys(f"{where}", group, SWEEP_GROUP_KEYS)
+    _run_fields(f"{where}.set", group.get("set"))
+    _list_of(f"{where}.seeds", group.get("seeds"), int, "seeds: [0, 1, 2]")
+    _list_of(f"{where}.betas", group.get("betas"), float, "betas: [0.05, 0.3]")
+    kl = group.get("kl")
+    if kl is not None and (not isinstance(kl, list) or not kl or not all(isinstance(e, dict) for e in kl)):
+        raise ConfigError(f"{where}.kl={_short(kl)} must be a non-empty list of KL settings, e.g. "
+                          "kl: [{estimator: k1, placement: reward}, {estimator: k3, placement: loss}]")
+    for i, entry in enumerate(kl or []):
+        try:
+            _check_keys("KL", entry, _KL_FIELDS)
+            if "beta" in entry and not _nonnegative(float, _read_number(float, entry["beta"])):
+                raise ConfigError(f"beta={_short(entry['beta'])} must be a finite number ≥ 0 (beta: 0 is the no-KL "
+                                  "control), or left out to take the group's betas")
+        except ConfigError as err:
+            raise ConfigError(f"{where}.kl[{i}]: {err}") from None
+
+
+def check_sweep_spec(spec: Any) -> None:
+    """Raise ``ConfigError`` naming the key (``groups.on_policy.seeds``) unless ``spec`` has a sweep's shape: known
+    top-level keys; ``base`` and ``smoke`` mappings of RLConfig fields (``smoke`` may also hold ``seeds``, ``betas``
+    and ``eval``); an ``eval`` mapping; and a non-empty ``groups`` mapping of groups with known keys, ``seeds`` a
+    list of integers, ``betas`` a list of numbers, ``kl`` a list of KL mappings, ``set`` a mapping. The values
+    themselves are checked when the runs are built (:func:`from_dict`)."""
+    if not isinstance(spec, dict):
+        found = "nothing" if spec is None else _short(spec)
+        raise ConfigError(f"a sweep is a mapping with base and groups (see configs/sweep.yaml); found {found}")
+    _check_keys("sweep", spec, SWEEP_KEYS)
+    _run_fields("base", spec.get("base"))
+    smoke = spec.get("smoke")
+    _run_fields("smoke", smoke, extra=("seeds", "betas", "eval"))
+    for where, value in (("eval", spec.get("eval")), ("smoke.eval", (smoke or {}).get("eval"))):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}={_short(value)} must be a mapping of evaluation settings, e.g. "
+                              "{num_samples: 4}")
+    _list_of("smoke.seeds", (smoke or {}).get("seeds"), int, "seeds: [0]")
+    _list_of("smoke.betas", (smoke or {}).get("betas"), float, "betas: [0.1]")
+    groups = spec.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"groups={_short(groups)} must be a non-empty mapping of named groups, e.g. "
+                          "groups: {main: {kl: [{estimator: k1, placement: reward}], seeds: [0, 1]}}")
+    for name, group in groups.items():
+        _check_group(f"groups.{name}", group)
+
+
+def load_sweep_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The sweep file at ``path``, read (:func:`read_yaml`) and checked (:func:`check_sweep_spec`); every error is
+    one ``ConfigError`` line starting with the file's name (``FileNotFoundError`` for a missing file)."""
+    spec = read_yaml(path)
+    try:
+        check_sweep_spec(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return spec

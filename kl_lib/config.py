@@ -18,11 +18,12 @@ some libraries apply silently; it exists so that their behaviour can be studied,
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass
 
 from kl_lib.estimators import ESTIMATORS
 
-__all__ = ["KLConfig", "PLACEMENTS", "IMPORTANCE_WEIGHTINGS", "check_choice"]
+__all__ = ["KLConfig", "PLACEMENTS", "IMPORTANCE_WEIGHTINGS", "check_choice", "is_finite_number"]
 
 PLACEMENTS: tuple[str, ...] = ("reward", "loss", "both")
 IMPORTANCE_WEIGHTINGS: tuple[str, ...] = ("none", "token", "sequence")
@@ -33,6 +34,16 @@ def check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
     is one of ``valid``."""
     if not isinstance(value, str) or value not in valid:
         raise ValueError(f"{field}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def is_finite_number(value: object) -> bool:
+    """A finite real number (not a bool, not an integer beyond the range of a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -56,12 +67,11 @@ class KLConfig:
         check_choice("KLConfig.estimator", self.estimator, tuple(ESTIMATORS))
         check_choice("KLConfig.placement", self.placement, PLACEMENTS)
         check_choice("KLConfig.importance_weighting", self.importance_weighting, IMPORTANCE_WEIGHTINGS)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):
-            raise ValueError(f"KLConfig.beta={self.beta!r} must be a real number ≥ 0")
-        if not math.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"KLConfig.beta={self.beta!r} must be finite and ≥ 0 (use beta=0 to disable the KL)")
+        if not is_finite_number(self.beta) or self.beta < 0:
+            raise ValueError(f"KLConfig.beta={reprlib.repr(self.beta)} must be a finite number ≥ 0 (beta=0 disables "
+                             "the KL)")
         if not isinstance(self.reward_to_go, bool):
-            raise ValueError(f"KLConfig.reward_to_go={self.reward_to_go!r} must be True or False")
+            raise ValueError(f"KLConfig.reward_to_go={self.reward_to_go!r} must be true or false (unquoted in YAML)")
         if self.reward_to_go and self.placement == "loss":
             raise ValueError(
                 "KLConfig.reward_to_go=True has no effect with placement='loss' (there is no reward penalty); "
@@ -69,8 +79,9 @@ class KLConfig:
             )
         if self.log_ratio_clamp is not None:
             c = self.log_ratio_clamp
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
-                raise ValueError(f"KLConfig.log_ratio_clamp={c!r} must be None or a positive finite number")
+            if not is_finite_number(c) or c <= 0:
+                raise ValueError(f"KLConfig.log_ratio_clamp={reprlib.repr(c)} must be a finite number > 0, or null "
+                                 "(no clamp)")
             if ESTIMATORS[self.estimator].full_distribution:
                 raise ValueError("KLConfig.log_ratio_clamp applies to sampled estimators only, not 'analytic'")
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kl_lib.config import IMPORTANCE_WEIGHTINGS, PLACEMENTS, KLConfig
+from kl_lib.config import IMPORTANCE_WEIGHTINGS, PLACEMENTS, KLConfig, is_finite_number
 from kl_lib.estimators import ESTIMATORS
 
 
@@ -29,9 +29,9 @@ def test_unknown_names_list_the_valid_values(field, value, valid):
         assert repr(name) in message
 
 
-@pytest.mark.parametrize("beta", [-0.1, math.nan, math.inf, -math.inf, "0.1", True, None])
+@pytest.mark.parametrize("beta", [-0.1, math.nan, math.inf, -math.inf, "0.1", True, None, 10**400, [0.1]])
 def test_bad_beta(beta):
-    with pytest.raises(ValueError, match="KLConfig.beta"):
+    with pytest.raises(ValueError, match="KLConfig.beta=.* must be a finite number ≥ 0"):
         KLConfig(beta=beta)
 
 
@@ -48,10 +48,16 @@ def test_reward_to_go_with_loss_placement_is_a_silent_no_op_so_it_is_refused():
     assert KLConfig(placement="both", reward_to_go=True).reward_to_go
 
 
-@pytest.mark.parametrize("clamp", [0.0, -1.0, math.inf, math.nan, True])
+@pytest.mark.parametrize("clamp", [0.0, -1.0, math.inf, math.nan, True, 10**400, "10"])
 def test_bad_clamp(clamp):
-    with pytest.raises(ValueError, match="log_ratio_clamp"):
+    with pytest.raises(ValueError, match="KLConfig.log_ratio_clamp=.* must be a finite number > 0, or null"):
         KLConfig(log_ratio_clamp=clamp)
+
+
+@pytest.mark.parametrize("value, finite", [(1, True), (-2.5, True), (10**400, False), (math.inf, False),
+                                           (math.nan, False), (True, False), ("1", False), (None, False)])
+def test_is_finite_number(value, finite):
+    assert is_finite_number(value) is finite
 
 
 def test_clamp_is_refused_for_the_analytic_estimator():

@@ -1,9 +1,27 @@
 """Configuration of an RL fine-tuning run: one dataclass, every field documented, validated before any compute.
 
 A run is described by YAML (``configs/*.yaml``) or keyword overrides ``--set key=value`` (dotted keys reach
-into the KL section: ``--set kl.estimator=k3``). Unknown keys and invalid values raise ``ValueError`` naming
-the field and the allowed values. :meth:`RLConfig.run_name` is a deterministic name, and :meth:`digest` a hash
-of every field that changes results, so that a sweep can tell a finished run from a changed one.
+into the KL section: ``--set kl.estimator=k3``). :meth:`RLConfig.run_name` is a deterministic name, and
+:meth:`digest` a hash of every field that changes results, so that a sweep can tell a finished run from a
+changed one.
+
+How text becomes a config (:func:`load_config`, :func:`from_dict`, :func:`apply_overrides`):
+
+* a number field takes a number in any spelling Python's ``float()`` reads (``1e-3``, ``1E3``, ``.5``,
+  ``1_000``), in a file as on the command line: PyYAML follows YAML 1.1, which reads ``1e-3`` as a string.
+  An integer field takes integer spellings only (``1e3`` and ``3.0`` are refused, naming ``1000`` and ``3``), up
+  to 2³¹ − 1; ``inf`` and ``nan`` are refused where a field needs a finite value;
+* a true/false field takes YAML's unquoted booleans only (``"yes"`` in quotes is refused);
+* ``lora_targets`` is a list, or one string of comma-separated module names (``q_proj`` or ``q_proj,v_proj``);
+* ``model`` and ``runs_dir`` may not be empty, and no text field may be ``null``; ``--set`` gives a text field
+  its value verbatim (``--set name=1e3`` is the name ``1e3``);
+* ``kl`` is a mapping merged over the default KL settings;
+* relative paths are read from the current directory (as ``from_pretrained`` and ``open`` do); a relative model
+  or data directory that is missing there but present beside the config file is reported with where to run.
+
+Every bad input is one :class:`ConfigError` line (a ``ValueError``; ``FileNotFoundError`` for a missing file)
+that starts with the file, or the ``--set`` item, names the field (an unknown key with the closest valid one)
+and says what to write instead. :func:`load_sweep_spec` reads and checks a sweep file the same way.
 
 Defaults follow the paper's on-policy setting (RLOO, one gradient step per batch, sequence-sum KL with k1 in
 the reward) at a scale that runs on two CPU cores.
@@ -12,18 +30,24 @@ the reward) at a scale that runs on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any
+import os
+import re
+import reprlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from kl_lib.config import KLConfig, check_choice
+from kl_lib.config import KLConfig, check_choice, is_finite_number
 from kl_lib.files import config_digest
 from kl_lib.objectives import AGGREGATIONS
 from kl_lib.tasks import task_names
 
-__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "RLConfig", "apply_overrides", "load_config"]
+__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS", "ConfigError", "RLConfig",
+           "apply_overrides", "check_sweep_spec", "from_dict", "load_config", "load_sweep_spec", "read_yaml"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
@@ -132,38 +156,13 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.kl, dict):
+            _check_keys("KL", self.kl, _KL_FIELDS)
             object.__setattr__(self, "kl", KLConfig(**self.kl))
-        if isinstance(self.lora_targets, list):
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        check_choice("RLConfig.advantage", self.advantage, ADVANTAGES)
-        check_choice("RLConfig.policy_loss", self.policy_loss, POLICY_LOSSES)
-        check_choice("RLConfig.finetune", self.finetune, FINETUNES)
-        check_choice("RLConfig.aggregation", self.aggregation, AGGREGATIONS)
-        check_choice("RLConfig.device", self.device, DEVICES)
-        check_choice("RLConfig.dtype", self.dtype, DTYPES)
-        check_choice("RLConfig.rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
-        check_choice("RLConfig.chat_template", self.chat_template, CHAT_TEMPLATES)
-        check_choice("RLConfig.task", self.task, tuple(task_names()))
-        if not isinstance(self.rollout_grad, bool):
-            raise ValueError(f"RLConfig.rollout_grad={self.rollout_grad!r} must be true or false")  # noqa: TRY004
-        if not isinstance(self.gradient_checkpointing, bool):
-            # a ValueError like every config error, which the CLI reports as one
-            raise ValueError(f"RLConfig.gradient_checkpointing={self.gradient_checkpointing!r} must be true or "  # noqa: TRY004
-                             "false")
-        if not _is_real(self.vllm_gpu_memory_utilization) or not 0 < self.vllm_gpu_memory_utilization < 1:
-            raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r} must be "
-                             "in (0, 1)")
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
-                     "lora_rank", "checkpoint_every"):
-            _positive_int(name, getattr(self, name))
-        for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards", "micro_batch_size"):
-            _nonnegative_int(name, getattr(self, name))
-        for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
-            _positive_float(name, getattr(self, name))
-        for name in ("weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not _is_real(value) or value < 0:
-                raise ValueError(f"RLConfig.{name}={value!r} must be a finite number ≥ 0")
+        if not isinstance(self.kl, KLConfig):
+            raise ValueError(f"RLConfig.kl={_short(self.kl)} must be a mapping of KL settings, e.g. kl: {{estimator: k3, "
+                             "placement: loss} (on the command line --set kl.estimator=k3)")
+        object.__setattr__(self, "lora_targets", _module_names(self.lora_targets))
+        _check_fields(self)
         if self.advantage in ("rloo", "grpo", "drgrpo") and self.group_size < 2:
             raise ValueError(f"RLConfig.group_size={self.group_size} must be ≥ 2 for the {self.advantage!r} baseline")
         if self.prompts_per_step * self.group_size % self.ppo_minibatches:
@@ -218,80 +217,357 @@ class RLConfig:
         return "-".join(parts)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# ------------------------------------------------------------------------------------------------------------
+# Each field on its own
+# ------------------------------------------------------------------------------------------------------------
+
+_MAX_INT = 2**31 - 1
+"""The largest integer any field takes: a step count, seed or size beyond it is a typo (and overflows seeds)."""
+_LORA_EXAMPLE = "lora_targets: [q_proj, v_proj] (on the command line --set lora_targets=q_proj,v_proj)"
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"RLConfig.{name}={value!r} must be an integer ≥ 1")
+def _check_fields(cfg: RLConfig) -> None:
+    """Type, range and choices of each field; the checks between fields are in ``RLConfig.__post_init__``."""
+    for name, valid in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("finetune", FINETUNES),
+                        ("aggregation", AGGREGATIONS), ("device", DEVICES), ("dtype", DTYPES),
+                        ("rollout_backend", ROLLOUT_BACKENDS), ("chat_template", CHAT_TEMPLATES),
+                        ("task", tuple(task_names()))):
+        check_choice(f"RLConfig.{name}", getattr(cfg, name), valid)
+    for name in ("model", "runs_dir", "data_dir", "name"):
+        _text(name, getattr(cfg, name), required=name in ("model", "runs_dir"))
+    for name in ("rollout_grad", "gradient_checkpointing"):
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            # a ValueError like every config error, which the CLI reports as one
+            raise ValueError(  # noqa: TRY004
+                f"RLConfig.{name}={value!r} must be true or false (unquoted in YAML: {name}: false)")
+    if not is_finite_number(cfg.vllm_gpu_memory_utilization) or not 0 < cfg.vllm_gpu_memory_utilization < 1:
+        raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={_short(cfg.vllm_gpu_memory_utilization)} must be "
+                         "a number in (0, 1)")
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
+                 "lora_rank", "checkpoint_every"):
+        _int_at_least(name, getattr(cfg, name), 1)
+    for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards", "micro_batch_size"):
+        _int_at_least(name, getattr(cfg, name), 0)
+    for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
+        value = getattr(cfg, name)
+        if not is_finite_number(value) or value <= 0:
+            raise ValueError(f"RLConfig.{name}={_short(value)} must be a finite number > 0")
+    for name in ("weight_decay", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not is_finite_number(value) or value < 0:
+            raise ValueError(f"RLConfig.{name}={_short(value)} must be a finite number ≥ 0")
 
 
-def _nonnegative_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"RLConfig.{name}={value!r} must be an integer ≥ 0")
+def _short(value: Any) -> str:
+    """``repr`` cut to a readable length (a 400-digit integer, a long list)."""
+    return reprlib.repr(value)
 
 
-def _positive_float(name: str, value: Any) -> None:
-    if not _is_real(value) or value <= 0:
-        raise ValueError(f"RLConfig.{name}={value!r} must be a finite number > 0")
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= _MAX_INT:
+        return
+    hint = ""
+    if isinstance(value, (float, str)):  # 3.0 or 1e3: a whole number in a float's spelling
+        whole = _read_number(float, value)
+        if is_finite_number(whole) and whole.is_integer() and low <= whole <= _MAX_INT:
+            hint = f"; write {int(whole)}, without a decimal point or exponent"
+    raise ValueError(f"RLConfig.{name}={_short(value)} must be an integer ≥ {low} and ≤ {_MAX_INT}{hint}")
 
 
-_FIELDS = {f.name for f in fields(RLConfig)}
-_KL_FIELDS = {f.name for f in fields(KLConfig)}
+def _text(name: str, value: Any, required: bool) -> None:
+    """A path or name: text, and not empty when ``required`` (``model:`` with nothing after it is ``null``)."""
+    if value is None or (required and value == ""):
+        default = RLConfig.__dataclass_fields__[name].default
+        raise ValueError(f"RLConfig.{name} is empty; give it a value, or leave it out for "
+                         + (f"the default {default!r}" if default else _EMPTY_MEANS[name]))
+    if not isinstance(value, str):
+        raise ValueError(f"RLConfig.{name}={_short(value)} must be text; quote it in YAML: {name}: \"{value}\"")
 
 
-def _coerce(value: str) -> Any:
-    """``--set`` values are YAML scalars: ``0.1`` → float, ``true`` → bool, ``k3`` → str; also ``3e-5`` → float
-    (YAML 1.1, which PyYAML follows, reads exponents without a dot as strings)."""
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):
-        try:
-            return float(parsed)
-        except ValueError:
-            pass
-    return parsed
+_EMPTY_MEANS = {"data_dir": "the task's default data", "name": "the automatic RLConfig.run_name()"}
+
+
+def _module_names(value: Any) -> tuple[str, ...]:
+    """``lora_targets`` as a tuple of module names, from a list, or from one string of comma-separated names
+    (``q_proj`` or ``q_proj,v_proj``: what ``--set lora_targets=q_proj,v_proj`` gives), never split into letters."""
+    names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"RLConfig.lora_targets={_short(value)} must be a non-empty list of module names, e.g. "
+                         + _LORA_EXAMPLE)
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.]+", name):
+            raise ValueError(f"RLConfig.lora_targets has {_short(name)}, which is not a module name; separate names "
+                             f"with commas: {_LORA_EXAMPLE}")
+    return tuple(names)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configs as text: YAML files and --set overrides
+# ------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad config file, sweep file or override: one line naming the file or field, and what to write instead."""
+
+
+_FIELDS = get_type_hints(RLConfig)
+_KL_FIELDS = get_type_hints(KLConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                mark = key_node.start_mark
+                if key_node.value in seen:
+                    raise ConfigError(f"{mark.name}, line {mark.line + 1}: key {key_node.value!r} is given twice "
+                                      f"(also on line {seen[key_node.value].line + 1}); keep one")
+                seen[key_node.value] = mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document in ``path`` (``None`` when empty). A missing file raises ``FileNotFoundError``; a
+    directory, an unreadable file, bad syntax (with its line) or a repeated key raise ``ConfigError``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_Loader)  # noqa: S506 — a SafeLoader
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (looked for {os.path.abspath(path)}); relative paths are read "
+                                "from the current directory: run from the repository root or give an absolute path"
+                                ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give a YAML file, e.g. configs/base.yaml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; give a YAML file, e.g. configs/base.yaml") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else f"{path}"
+        problem = getattr(err, "problem", None) or str(err)
+        message = (f"{where}: not valid YAML ({problem}); write one key: value per line, indent with spaces, "
+                   "close every bracket and quote")
+        raise ConfigError(" ".join(message.split())) from None
+
+
+def _read_number(kind: Any, value: Any) -> Any:
+    """A string where the field takes a number, read as Python reads it: ``1e-3``, ``1E3``, ``.5``, ``1_000``
+    (PyYAML follows YAML 1.1, which reads ``1e-3`` as a string). Integer fields take integer spellings only.
+    Anything else comes back as it is, for the field's own check to report."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if kind is int:
+            return int(value)
+        if kind is float or float in get_args(kind):
+            return float(value)
+    except ValueError:
+        pass
+    return value
+
+
+def _check_keys(what: str, keys: Any, valid: Any) -> None:
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), list(valid), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys are {', '.join(sorted(valid))}"
+            raise ConfigError(f"unknown {what} key {key!r}; {hint}")
+
+
+def _kl_mapping(value: Any) -> dict[str, Any]:
+    """The ``kl`` section as a mapping of known KL keys, its numbers read as numbers."""
+    if value is None:
+        raise ConfigError("RLConfig.kl is empty; put its settings indented below it, e.g. kl: {estimator: k1, "
+                          "placement: reward, beta: 0.1}, or delete the line for that default")
+    if not isinstance(value, dict):
+        raise ConfigError(f"RLConfig.kl={_short(value)} must be a mapping of KL settings, e.g. kl: {{estimator: k3, "
+                          "placement: loss} (on the command line --set kl.estimator=k3)")
+    _check_keys("KL", value, _KL_FIELDS)
+    return {key: _read_number(_KL_FIELDS[key], v) for key, v in value.items()}
+
+
+def _parse_override(kind: Any, text: str) -> Any:
+    """An override's value: verbatim for text fields, else a YAML value (``true``, ``0.1``, ``[q_proj, v_proj]``)."""
+    if kind is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the field's check reports it
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides (dotted ``kl.beta=0.3`` for the KL section) to a raw config dict."""
-    raw = {**raw, "kl": dict(raw.get("kl", {}))}
+    raw = dict(raw)
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. kl.beta=0.3)")
-        key, value = item.split("=", 1)
-        if key.startswith("kl."):
-            sub = key[3:]
-            if sub not in _KL_FIELDS:
-                raise ValueError(f"unknown KL key {sub!r}; valid keys are {', '.join(sorted(_KL_FIELDS))}")
-            raw["kl"][sub] = _coerce(value)
-        else:
-            if key not in _FIELDS:
-                raise ValueError(f"unknown config key {key!r}; valid keys are {', '.join(sorted(_FIELDS))}")
-            raw[key] = _coerce(value)
+        key, sep, text = item.partition("=")
+        try:
+            if not sep:
+                raise ConfigError("must look like key=value (e.g. kl.beta=0.3)")
+            if key.startswith("kl."):
+                _check_keys("KL", [key[3:]], _KL_FIELDS)
+                kl = raw.get("kl", {})
+                if isinstance(kl, dict):  # else from_dict reports the file's kl section
+                    raw["kl"] = {**kl, key[3:]: _parse_override(_KL_FIELDS[key[3:]], text)}
+            else:
+                _check_keys("config", [key], _FIELDS)
+                raw[key] = _parse_override(_FIELDS[key], text)
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}: {err}") from None
     return raw
 
 
 def from_dict(raw: dict[str, Any]) -> RLConfig:
-    unknown = set(raw) - _FIELDS
-    if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys are {', '.join(sorted(_FIELDS))}")
-    kl = raw.get("kl", {})
-    if isinstance(kl, dict):
-        unknown_kl = set(kl) - _KL_FIELDS
-        if unknown_kl:
-            raise ValueError(f"unknown KL key(s) {sorted(unknown_kl)}; valid keys are {', '.join(sorted(_KL_FIELDS))}")
-        base = dataclasses.asdict(RLConfig().kl)
-        raw = {**raw, "kl": KLConfig(**{**base, **kl})}
+    """An ``RLConfig`` from a mapping as read from YAML: ``kl`` is a mapping merged over the default KL settings,
+    numbers written as strings are read as numbers; an error names the field and what to write."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of key: value (e.g. steps: 100), not {_short(raw)}")
+    _check_keys("config", raw, _FIELDS)
+    raw = {key: _read_number(_FIELDS[key], value) for key, value in raw.items()}
+    if "kl" in raw:
+        raw["kl"] = KLConfig(**{**dataclasses.asdict(RLConfig().kl), **_kl_mapping(raw["kl"])})
     return RLConfig(**raw)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> RLConfig:
-    """Read a YAML config (or the defaults) and apply overrides; every error names the offending key."""
-    raw: dict[str, Any] = {}
+def _check_relative_paths(cfg: RLConfig, path: str | None) -> None:
+    """A relative model or data directory is read from the current directory. One missing there but present
+    beside the config file (or the checkout of this package) means the run was started from another directory:
+    say so, rather than ask for ``make base-model``. One missing everywhere is left to the model and data checks."""
+    roots = [Path(__file__).resolve().parents[2]]
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping of key: value")
-    return from_dict(apply_overrides(raw, overrides or []))
+        roots = [*Path(path).resolve().parents, *roots]
+    for name in ("model", "data_dir"):
+        value = getattr(cfg, name)
+        if not value or Path(value).expanduser().is_absolute() or os.path.exists(value):
+            continue
+        for root in roots:
+            if (root / value).is_dir():
+                raise ConfigError(f"RLConfig.{name}={value!r} is read from the current directory, where "
+                                  f"{os.path.abspath(value)} does not exist, but {root / value} does: run from "
+                                  f"{root} or give the absolute path")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RLConfig:
+    """Read a YAML config (or the defaults) and apply overrides. Every error is one line that names the file or
+    the ``--set`` item and the field: ``ConfigError`` (a ``ValueError``), or ``FileNotFoundError`` for a missing
+    config file."""
+    raw = {} if path is None else read_yaml(path)
+    if raw is None:  # an empty file: the defaults
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must be a YAML mapping of key: value (e.g. steps: 100), not "
+                          f"{_short(raw)}")
+    if "groups" in raw or "base" in raw:
+        raise ConfigError(f"{path} is a sweep file (it has base/groups), not one run's config; run it with "
+                          f"python -m kl_lib.rl.sweep {path}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = from_dict(raw)
+        _check_relative_paths(cfg, path)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweep files (kl_lib.rl.sweep documents the format)
+# ------------------------------------------------------------------------------------------------------------
+
+SWEEP_KEYS = ("base", "eval", "groups", "smoke")
+SWEEP_GROUP_KEYS = ("betas", "kl", "seeds", "set")
+_PER_RUN = {"seed": "seeds are listed per group: seeds: [0, 1, 2]",
+            "kl": "KL settings are listed per group: kl: [{estimator: k1, placement: reward}]"}
+
+
+def _run_fields(where: str, value: Any, extra: tuple[str, ...] = ()) -> None:
+    """``base``, ``smoke`` or a group's ``set``: an optional mapping of RLConfig fields (and ``extra`` keys),
+    without the per-run ``seed`` and ``kl``, which the sweep would silently replace."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}={_short(value)} must be a mapping of RLConfig fields, e.g. {{steps: 100}}")
+    _check_keys(f"{where}", value, {*_FIELDS, *extra})
+    for key, why in _PER_RUN.items():
+        if key in value:
+            raise ConfigError(f"{where}.{key} would be replaced in every run: {why}")
+
+
+def _list_of(where: str, value: Any, kind: type, example: str) -> None:
+    """``seeds`` (integers ≥ 0) or ``betas`` (finite numbers ≥ 0): a non-empty list, when given."""
+    if value is None:
+        return
+    items = [_read_number(kind, v) for v in value] if isinstance(value, list) else []
+    if not items or not all(_nonnegative(kind, v) for v in items):
+        what = "integers ≥ 0" if kind is int else "finite numbers ≥ 0"
+        raise ConfigError(f"{where}={_short(value)} must be a non-empty list of {what}, e.g. {example}")
+
+
+def _nonnegative(kind: type, value: Any) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT
+    return is_finite_number(value) and value >= 0
+
+
+def _check_group(where: str, group: Any) -> None:
+    if not isinstance(group, dict) or not group:
+        raise ConfigError(f"{where}={_short(group)} must be a mapping with kl (and seeds, betas, set), e.g. "
+                          "{kl: [{estimator: k1, placement: reward}], seeds: [0, 1, 2], betas: [0.1]}")
+    _check_keys(f"{where}", group, SWEEP_GROUP_KEYS)
+    _run_fields(f"{where}.set", group.get("set"))
+    _list_of(f"{where}.seeds", group.get("seeds"), int, "seeds: [0, 1, 2]")
+    _list_of(f"{where}.betas", group.get("betas"), float, "betas: [0.05, 0.3]")
+    kl = group.get("kl")
+    if kl is not None and (not isinstance(kl, list) or not kl or not all(isinstance(e, dict) for e in kl)):
+        raise ConfigError(f"{where}.kl={_short(kl)} must be a non-empty list of KL settings, e.g. "
+                          "kl: [{estimator: k1, placement: reward}, {estimator: k3, placement: loss}]")
+    for i, entry in enumerate(kl or []):
+        try:
+            _check_keys("KL", entry, _KL_FIELDS)
+            if "beta" in entry and not _nonnegative(float, _read_number(float, entry["beta"])):
+                raise ConfigError(f"beta={_short(entry['beta'])} must be a finite number ≥ 0 (beta: 0 is the no-KL "
+                                  "control), or left out to take the group's betas")
+        except ConfigError as err:
+            raise ConfigError(f"{where}.kl[{i}]: {err}") from None
+
+
+def check_sweep_spec(spec: Any) -> None:
+    """Raise ``ConfigError`` naming the key (``groups.on_policy.seeds``) unless ``spec`` has a sweep's shape: known
+    top-level keys; ``base`` and ``smoke`` mappings of RLConfig fields (``smoke`` may also hold ``seeds``, ``betas``
+    and ``eval``); an ``eval`` mapping; and a non-empty ``groups`` mapping of groups with known keys, ``seeds`` a
+    list of integers, ``betas`` a list of numbers, ``kl`` a list of KL mappings, ``set`` a mapping. The values
+    themselves are checked when the runs are built (:func:`from_dict`)."""
+    if not isinstance(spec, dict):
+        found = "nothing" if spec is None else _short(spec)
+        raise ConfigError(f"a sweep is a mapping with base and groups (see configs/sweep.yaml); found {found}")
+    _check_keys("sweep", spec, SWEEP_KEYS)
+    _run_fields("base", spec.get("base"))
+    smoke = spec.get("smoke")
+    _run_fields("smoke", smoke, extra=("seeds", "betas", "eval"))
+    for where, value in (("eval", spec.get("eval")), ("smoke.eval", (smoke or {}).get("eval"))):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}={_short(value)} must be a mapping of evaluation settings, e.g. "
+                              "{num_samples: 4}")
+    _list_of("smoke.seeds", (smoke or {}).get("seeds"), int, "seeds: [0]")
+    _list_of("smoke.betas", (smoke or {}).get("betas"), float, "betas: [0.1]")
+    groups = spec.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"groups={_short(groups)} must be a non-empty mapping of named groups, e.g. "
+                          "groups: {main: {kl: [{estimator: k1, placement: reward}], seeds: [0, 1]}}")
+    for name, group in groups.items():
+        _check_group(f"groups.{name}", group)
+
+
+def load_sweep_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The sweep file at ``path``, read (:func:`read_yaml`) and checked (:func:`check_sweep_spec`); every error is
+    one ``ConfigError`` line starting with the file's name (``FileNotFoundError`` for a missing file)."""
+    spec = read_yaml(path)
+    try:
+        check_sweep_spec(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return spec

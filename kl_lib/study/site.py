@@ -64,7 +64,7 @@ def _extremes(s: pd.Series, fmt: str = "{:.2f}") -> str:
 
 
 def _ordered(labels) -> list[str]:
-    return sorted(set(labels), key=fnd._label_key)
+    return sorted(set(labels), key=fnd.label_key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
 
 
 def _lagged_settings(df: pd.DataFrame) -> list[str]:
-    return sorted((s for s in df["setting"].unique() if s != fnd.ON_POLICY), key=fnd._setting_key)
+    return sorted((s for s in df["setting"].unique() if s != fnd.ON_POLICY), key=fnd.setting_key)
 
 
 def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:

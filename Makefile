@@ -39,8 +39,25 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 STEMS := $(patsubst notebooks/%.ipynb,%,$(NOTEBOOKS))
 KL_LIB_SRC := $(shell find kl_lib -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
 
+# SMOKE is a true/false switch: 1/0, true/false, yes/no, on/off in any case, empty = false. Anything else (a
+# typo like SMOKE=ture) stops make before it does anything, rather than quietly running the full study.
+SMOKE_TRUE := 1 true yes on
+SMOKE_FALSE := 0 false no off
+SMOKE_LC := $(shell printf '%s' '$(subst ','\'',$(SMOKE))' | tr '[:upper:]' '[:lower:]')
+# Exactly one allowed word, or none:
+ifneq ($(words $(SMOKE_LC)),$(words $(filter $(SMOKE_TRUE) $(SMOKE_FALSE),$(lastword $(SMOKE_LC)))))
+$(error SMOKE=$(SMOKE) is not a true/false value; use SMOKE=1/0, true/false, yes/no or on/off (any case; empty = false))
+endif
+IS_SMOKE := $(filter $(SMOKE_TRUE),$(SMOKE_LC))
+
+# PARAMS_<stem> names one notebook; a misspelt stem would otherwise be ignored without a word.
+UNKNOWN_PARAMS := $(filter-out $(addprefix PARAMS_,$(STEMS)),$(filter PARAMS_%,$(.VARIABLES)))
+ifneq ($(UNKNOWN_PARAMS),)
+$(error $(UNKNOWN_PARAMS): no notebook with that stem; notebook stems: $(STEMS))
+endif
+
 # Smoke results live apart from full results so that a smoke run can never pass for the real thing.
-ifneq ($(filter 1 true True yes,$(SMOKE)),)
+ifneq ($(IS_SMOKE),)
 NB_OUT := runs/smoke/notebooks
 NBRUN_FLAGS := --smoke
 else
@@ -48,7 +65,7 @@ NB_OUT := runs/notebooks
 NBRUN_FLAGS :=
 endif
 EXECUTED := $(patsubst %,$(NB_OUT)/%.ipynb,$(STEMS))
-PARAMS_STAMP := $(NB_OUT)/.params
+NB_PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
@@ -84,7 +101,7 @@ test: $(STAMP)
 # (the sweep itself skips finished runs whose config is unchanged and resumes interrupted ones).
 
 DATA_STAMP := data/arithmetic/.stamp
-ifneq ($(filter 1 true True yes,$(SMOKE)),)
+ifneq ($(IS_SMOKE),)
 BASE_MODEL := data/models/tiny-base-smoke
 SFT_ARGS := --smoke
 SWEEP_ARGS := --smoke --set runs_dir=runs/smoke/rl --set model=$(BASE_MODEL)
@@ -127,12 +144,12 @@ bench-trl: $(STAMP)
 reproduce: $(EXECUTED)
 	@echo "$(words $(EXECUTED)) notebook(s) up to date in $(NB_OUT)/"
 
-$(NB_OUT)/%.ipynb: notebooks/%.ipynb $(KL_LIB_SRC) $(STAMP) $(PARAMS_STAMP)
+$(NB_OUT)/%.ipynb: notebooks/%.ipynb $(KL_LIB_SRC) $(STAMP) $(NB_PARAMS_STAMP)
 	$(VPY) -m kl_lib.study.nbrun $< --out $(NB_OUT) $(NBRUN_FLAGS) $(PARAMS) $(PARAMS_$*)
 
 # Rewritten only when the parameters differ from the last run's, so changing PARAMS reruns the notebooks
 # and repeating it does not.
-$(PARAMS_STAMP): FORCE
+$(NB_PARAMS_STAMP): FORCE
 	@mkdir -p $(@D)
 	@printf '%s\n' '$(subst ','\'',$(strip $(ALL_PARAMS)))' > $@.new
 	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
@@ -160,13 +177,13 @@ distclean: clean
 	rm -rf $(VENV) *.egg-info data/cache
 
 # Notebooks that read what the RL targets produce (full runs; smoke notebooks build their own tiny models).
-ifeq ($(filter 1 true True yes,$(SMOKE)),)
+ifeq ($(IS_SMOKE),)
 $(NB_OUT)/03_rl_finetuning.ipynb: $(BASE_MODEL)/DONE
 endif
 $(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(SWEEP_STAMP)
 
 # The browsable report (results.csv, figures, index.html linking every executed notebook) closes `reproduce`.
-ifneq ($(filter 1 true True yes,$(SMOKE)),)
+ifneq ($(IS_SMOKE),)
 REPORT := runs/smoke/report
 else
 REPORT := runs/report

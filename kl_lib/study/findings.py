@@ -67,10 +67,11 @@ from kl_lib.study import stats
 from kl_lib.study.tables import SPLITS, RunTables
 
 __all__ = [
-    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_FACTOR", "KL_BLOWUP_FLOOR", "BIASED", "UNBIASED", "K3_LOSS", "OFFPOLICY_KL",
-    "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "sort_configs", "smoothing_window", "run_outcomes", "instability_table",
-    "accuracy_table", "format_accuracy", "group_replicates", "rate_comparison", "bootstrap_difference", "Finding", "finding_f1",
-    "finding_f2", "finding_f3", "all_findings", "paper_comparison", "findings_table",
+    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_FACTOR", "KL_BLOWUP_FLOOR", "BIASED", "UNBIASED", "K3_LOSS",
+    "OFFPOLICY_KL", "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "label_key", "setting_key", "sort_configs",
+    "smoothing_window", "run_outcomes", "instability_table", "accuracy_table", "format_accuracy",
+    "group_replicates", "rate_comparison", "bootstrap_difference", "Finding", "finding_f1", "finding_f2",
+    "finding_f3", "all_findings", "paper_comparison", "findings_table",
 ]
 
 COLLAPSE_FRACTION = 0.5
@@ -94,11 +95,13 @@ def smoothing_window(steps: int) -> int:
     return max(2, int(steps) // 10)
 
 
-def _label_key(label: str) -> int:
+def label_key(label: str) -> int:
+    """Sort key of a configuration label: its place in ``LABEL_ORDER`` (unknown labels last)."""
     return LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER)
 
 
-def _setting_key(setting: str) -> tuple[int, int]:
+def setting_key(setting: str) -> tuple[int, int]:
+    """Sort key of a setting: on-policy first, then ``"... <lag>"`` settings by lag, anything else last."""
     if setting == ON_POLICY:
         return (0, 0)
     try:
@@ -109,7 +112,7 @@ def _setting_key(setting: str) -> tuple[int, int]:
 
 def sort_configs(df: pd.DataFrame) -> pd.DataFrame:
     """Rows in the order setting, configuration (``LABEL_ORDER``), β, seed (where those columns exist)."""
-    keys = {"setting": _setting_key, "label": _label_key}
+    keys = {"setting": setting_key, "label": label_key}
     cols = [c for c in ("setting", "label", "beta", "seed") if c in df.columns]
     return df.sort_values(cols, key=lambda s: s.map(keys[s.name]) if s.name in keys else s, ignore_index=True)
 
@@ -493,7 +496,7 @@ def paper_comparison(tables: RunTables, accuracy: pd.DataFrame, outcomes: pd.Dat
 
     def lagged_acc(label: str) -> str:
         return "; ".join(f"{s}: {_acc(accuracy, s, label, 'id_test')}" for s in
-                         sorted(outcomes.loc[lagged, "setting"].unique(), key=_setting_key))
+                         sorted(outcomes.loc[lagged, "setting"].unique(), key=setting_key))
 
     rows = [
         ("OOD accuracy: k1 in reward vs k3 in loss",

@@ -32,7 +32,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -64,7 +64,7 @@ def _extremes(s: pd.Series, fmt: str = "{:.2f}") -> str:
 
 
 def _ordered(labels) -> list[str]:
-    return sorted(set(labels), key=fnd._label_key)
+    return sorted(set(labels), key=fnd.label_key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Fig
 
 
 def _lagged_settings(df: pd.DataFrame) -> list[str]:
-    return sorted((s for s in df["setting"].unique() if s != fnd.ON_POLICY), key=fnd._setting_key)
+    return sorted((s for s in df["setting"].unique() if s != fnd.ON_POLICY), key=fnd.setting_key)
 
 
 def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:
@@ -377,12 +377,18 @@ def _provenance(runs_dir: Path) -> dict[str, Any]:
                        f"{platform.python_version()}", "runs_dir": str(runs_dir), "smoke": smoke}
 
 
-def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str | Path = "runs/report",
-                 seed: int = 0, n_boot: int = 4000) -> Path:
-    """Write the report (module docstring) into ``out_dir``; returns the path of ``index.html``."""
-    runs_dir, notebooks_dir, out_dir = Path(runs_dir), Path(notebooks_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures.setup()
+class _Analysis(NamedTuple):
+    """Everything the report shows, computed once from the run tables."""
+
+    tables: RunTables
+    outcomes: pd.DataFrame
+    accuracy: pd.DataFrame
+    found: list[fnd.Finding]
+    comparison: pd.DataFrame
+    base: dict[str, float]
+
+
+def _analyse(runs_dir: Path, seed: int, n_boot: int) -> _Analysis:
     tables = load_tables(runs_dir)
     outcomes = fnd.run_outcomes(tables)
     rng = np.random.default_rng(seed)
@@ -390,28 +396,35 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     found = fnd.all_findings(tables, seed=seed, n_boot=n_boot, outcomes=outcomes)
     comparison = fnd.paper_comparison(tables, accuracy, outcomes, found)
     base = {s: tables.base_accuracy(s) for s in SPLITS}
+    return _Analysis(tables, outcomes, accuracy, found, comparison, base)
 
-    results = tables.results.merge(
-        outcomes[["run", "collapsed", "kl_blowup", "unstable", "final_reward"]], on="run", how="left")
+
+def _write_tables(out_dir: Path, a: _Analysis) -> None:
+    """results.csv, accuracy.csv, instability.csv, paper_comparison.csv and findings.json."""
+    results = a.tables.results.merge(
+        a.outcomes[["run", "collapsed", "kl_blowup", "unstable", "final_reward"]], on="run", how="left")
     cols = ["setting", "label", "beta", "seed", "async_lag", "run", "status", "diverged", "reward_collapse",
             "collapsed", "kl_blowup", "unstable", "id_test pass@1", "id_test greedy", "ood_test pass@1",
             "ood_test greedy", "final_kl", "final_entropy", "final_reward"]
     write_text(out_dir / "results.csv", fnd.sort_configs(results)[cols].to_csv(index=False))
-    write_text(out_dir / "accuracy.csv", accuracy.to_csv(index=False))
-    write_text(out_dir / "instability.csv", fnd.instability_table(outcomes).to_csv(index=False))
-    write_text(out_dir / "paper_comparison.csv", comparison.to_csv(index=False))
-    write_json(out_dir / "findings.json", [f.to_dict() for f in found])
+    write_text(out_dir / "accuracy.csv", a.accuracy.to_csv(index=False))
+    write_text(out_dir / "instability.csv", fnd.instability_table(a.outcomes).to_csv(index=False))
+    write_text(out_dir / "paper_comparison.csv", a.comparison.to_csv(index=False))
+    write_json(out_dir / "findings.json", [f.to_dict() for f in a.found])
 
-    saved: list[tuple[str, str]] = []  # (stem, title)
+
+def _save_figures(out_dir: Path, a: _Analysis) -> list[tuple[str, str]]:
+    """Save the figures that the runs support; returns their ``(stem, title)`` in page order."""
+    saved: list[tuple[str, str]] = []
 
     def save(fig: plt.Figure, stem: str, title: str) -> None:
         figures.save_figure(fig, out_dir / stem)
         plt.close(fig)
         saved.append((stem, title))
 
-    settings = set(tables.results["setting"])
-    if fnd.ON_POLICY in settings:
-        save(plot_accuracy(accuracy, base), "fig_accuracy", "Accuracy per KL configuration (on-policy)")
+    tables = a.tables
+    if fnd.ON_POLICY in set(tables.results["setting"]):
+        save(plot_accuracy(a.accuracy, a.base), "fig_accuracy", "Accuracy per KL configuration (on-policy)")
         for beta in sorted(b for b in tables.results.query("setting == @fnd.ON_POLICY")["beta"].unique() if b > 0):
             save(plot_training(tables, fnd.ON_POLICY, beta), f"fig_training_b{beta:g}".replace(".", "p"),
                  f"Training curves (on-policy, β = {beta:g})")
@@ -419,25 +432,32 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
         save(plot_checkpoints(tables), "fig_checkpoints", "Mid-training checkpoints vs final")
     if (tables.results["policy_loss"] == "ppo").any():
         save(plot_offpolicy_curves(tables), "fig_offpolicy_curves", "Off-policy reward curves per lag")
-        save(plot_offpolicy_summary(accuracy, outcomes, base), "fig_offpolicy", "Off-policy stability and accuracy")
+        save(plot_offpolicy_summary(a.accuracy, a.outcomes, a.base), "fig_offpolicy",
+             "Off-policy stability and accuracy")
+    return saved
 
+
+def _header_html(a: _Analysis, runs_dir: Path, notebooks_dir: Path, out_dir: Path, seed: int, n_boot: int) -> str:
     prov = _provenance(runs_dir)
-    notebooks = sorted(notebooks_dir.glob("*.html")) if notebooks_dir.is_dir() else []
     parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>KL estimators: report</title>"
              f"<style>{_STYLE}</style></head><body>",
              "<header><h1>A Comedy of Estimators: small-scale reproduction report</h1>",
              f"<p>Produced by <code>python -m kl_lib.study.site --runs {html.escape(str(runs_dir))} --notebooks "
              f"{html.escape(str(notebooks_dir))} --out {html.escape(str(out_dir))}</code> at git commit "
              f"<code>{html.escape(prov['git_commit'])}</code> on {html.escape(prov['date'])}, machine "
-             f"{html.escape(prov['machine'])}. {len(tables.results)} runs from <code>{html.escape(str(runs_dir))}</code>; "
+             f"{html.escape(prov['machine'])}. {len(a.tables.results)} runs from <code>{html.escape(str(runs_dir))}</code>; "
              f"bootstrap seed {seed}, {n_boot} replicates.</p>"]
     if prov["smoke"]:
         parts.append('<p class="warning">These runs are a <b>smoke</b> sweep (a few steps, one seed): the numbers '
                      'only show that the pipeline works, not what the study finds.</p>')
     parts.append("</header>")
-    parts.append("<h2>Findings</h2><p>Hypotheses from the paper, tested with rules fixed in advance "
-                 "(<code>kl_lib.study.findings</code>): a difference is supported when its 95% interval excludes 0 in the "
-                 "claimed direction; a rate comparison when the one-sided Fisher exact p &lt; 0.05.</p><ul>")
+    return "\n".join(parts)
+
+
+def _findings_html(found: list[fnd.Finding]) -> str:
+    parts = ["<h2>Findings</h2><p>Hypotheses from the paper, tested with rules fixed in advance "
+             "(<code>kl_lib.study.findings</code>): a difference is supported when its 95% interval excludes 0 in the "
+             "claimed direction; a rate comparison when the one-sided Fisher exact p &lt; 0.05.</p><ul>"]
     for f in found:
         nums = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in f.numbers.items()
                          if not (isinstance(v, float) and math.isnan(v)))
@@ -445,28 +465,51 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
                      f"<br><small>Test: {html.escape(f.test)}<br>Numbers: {html.escape(nums)}<br>Paper: "
                      f"{html.escape(f.paper)}</small></li>")
     parts.append("</ul>")
-    parts.append("<h2>The paper's outcomes next to ours (different scales)</h2>" + _table_html(comparison))
-    parts.append("<h2>Figures</h2>")
+    return "\n".join(parts)
+
+
+def _notebooks_html(notebooks_dir: Path, out_dir: Path) -> str:
+    notebooks = sorted(notebooks_dir.glob("*.html")) if notebooks_dir.is_dir() else []
+    if not notebooks:
+        return f"<p>No executed notebooks in <code>{html.escape(str(notebooks_dir))}</code> (make reproduce).</p>"
+    return "<ul>" + "".join(
+        f'<li><a href="{html.escape(Path(os.path.relpath(nb, out_dir)).as_posix())}">{html.escape(nb.stem)}</a></li>'
+        for nb in notebooks) + "</ul>"
+
+
+def _body_html(a: _Analysis, saved: list[tuple[str, str]], notebooks_dir: Path, out_dir: Path) -> str:
+    """Everything after the findings: comparison, figures, tables, notebook and file links."""
+    parts = ["<h2>The paper's outcomes next to ours (different scales)</h2>" + _table_html(a.comparison),
+             "<h2>Figures</h2>"]
     for stem, title in saved:
         parts.append(f'<h3>{html.escape(title)}</h3><p><img src="{stem}.png" alt="{html.escape(title)}"> '
                      f'<br><a href="{stem}.svg">SVG</a></p>')
-    acc_cols = [c for c in accuracy.columns if "Δbase low" not in c and "Δbase high" not in c]
-    parts.append("<h2>Accuracy per configuration × β</h2>" + _table_html(accuracy[acc_cols]))
-    inst = fnd.instability_table(outcomes)
+    acc_cols = [c for c in a.accuracy.columns if "Δbase low" not in c and "Δbase high" not in c]
+    parts.append("<h2>Accuracy per configuration × β</h2>" + _table_html(a.accuracy[acc_cols]))
+    inst = fnd.instability_table(a.outcomes)
     parts.append("<h2>Unstable runs</h2>" + (_table_html(inst) if len(inst) else "<p>No run diverged, collapsed or "
                                                                                   "blew up in KL.</p>"))
     parts.append("<h2>Notebooks</h2>")
-    if notebooks:
-        parts.append("<ul>" + "".join(
-            f'<li><a href="{html.escape(Path(os.path.relpath(nb, out_dir)).as_posix())}">{html.escape(nb.stem)}</a></li>'
-            for nb in notebooks) + "</ul>")
-    else:
-        parts.append(f"<p>No executed notebooks in <code>{html.escape(str(notebooks_dir))}</code> (make reproduce).</p>")
+    parts.append(_notebooks_html(notebooks_dir, out_dir))
     parts.append("<h2>Files</h2><ul>" + "".join(
         f'<li><a href="{n}">{n}</a></li>' for n in ("results.csv", "accuracy.csv", "instability.csv",
                                                     "paper_comparison.csv", "findings.json")) + "</ul>")
     parts.append(_SCRIPT + "</body></html>\n")
-    return write_text(out_dir / "index.html", "\n".join(parts))
+    return "\n".join(parts)
+
+
+def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str | Path = "runs/report",
+                 seed: int = 0, n_boot: int = 4000) -> Path:
+    """Write the report (module docstring) into ``out_dir``; returns the path of ``index.html``."""
+    runs_dir, notebooks_dir, out_dir = Path(runs_dir), Path(notebooks_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures.setup()
+    analysis = _analyse(runs_dir, seed, n_boot)
+    _write_tables(out_dir, analysis)
+    saved = _save_figures(out_dir, analysis)
+    page = [_header_html(analysis, runs_dir, notebooks_dir, out_dir, seed, n_boot), _findings_html(analysis.found),
+            _body_html(analysis, saved, notebooks_dir, out_dir)]
+    return write_text(out_dir / "index.html", "\n".join(page))
 
 
 def main(argv: list[str] | None = None) -> int:

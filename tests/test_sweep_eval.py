@@ -2,22 +2,26 @@
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from kl_lib.config import KLConfig
-from kl_lib.lm.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path, model_digest, pass_at_k
 from kl_lib.lm.models import save_untrained_model
+from kl_lib.rl.checkpoints import evaluate_run
+from kl_lib.rl.config import RLConfig
+from kl_lib.rl.sweep import eval_settings, expand_sweep
+from kl_lib.rl.sweep import main as sweep_main
+from kl_lib.rl.train import train
 from kl_lib.study.runs import load_runs
 from kl_lib.study.tables import results_table
-from kl_lib.rl.config import RLConfig
-from kl_lib.rl.sweep import eval_settings, expand_sweep, main as sweep_main
 from kl_lib.tasks.arithmetic import write_splits
 
 
 def test_the_shipped_sweep_expands_to_valid_distinct_runs():
-    spec = yaml.safe_load(open("configs/sweep.yaml"))
+    spec = yaml.safe_load(Path("configs/sweep.yaml").read_text())
     full, smoke = expand_sweep(spec), expand_sweep(spec, smoke=True)
     names = [c.run_name() for c in full]
     assert len(names) == len(set(names)) == 78
@@ -56,8 +60,6 @@ def test_pass_at_k_matches_brute_force(n):
 
 
 def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
-    from kl_lib.rl.train import train
-
     model = save_untrained_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     write_splits(tmp_path / "data", sizes={"sft": 10, "rl_train": 16, "id_test": 6, "ood_test": 6})
     cfg = RLConfig(model=str(model), data_dir=str(tmp_path / "data"), steps=2, prompts_per_step=2, group_size=2,

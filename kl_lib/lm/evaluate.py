@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.files import config_digest, file_digest, write_json
+from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
 __all__ = ["EvalSettings", "data_key", "evaluate_model", "evaluate_path", "evaluate_splits", "greedy_accuracy",

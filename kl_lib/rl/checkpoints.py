@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from kl_lib.files import atomic_write, file_digest, write_json
-from kl_lib.lm.evaluate import EvalSettings, data_key, evaluate_splits, load_for_eval, load_splits, model_digest
+from kl_lib.lm.evaluate import (
+    EvalSettings,
+    data_key,
+    evaluate_splits,
+    load_for_eval,
+    load_splits,
+    model_digest,
+)
 from kl_lib.lm.models import add_lora, load_model, load_tokenizer, model_source
 from kl_lib.rl.config import RLConfig, from_dict
 from kl_lib.tasks import Problem, get_task, problems_digest

@@ -24,7 +24,7 @@ Departure from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -51,9 +51,10 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,7 +63,13 @@ from tqdm.auto import tqdm
 from kl_lib import objectives
 from kl_lib.estimators import analytic, get_estimator
 from kl_lib.files import environment_info, write_json
-from kl_lib.lm.models import add_lora, encode_prompts, load_model, load_tokenizer, model_source
+from kl_lib.lm.models import (
+    add_lora,
+    encode_prompts,
+    load_model,
+    load_tokenizer,
+    model_source,
+)
 from kl_lib.lm.presets import resolve
 from kl_lib.rl import distributed, vllm_backend
 from kl_lib.rl.checkpoints import (
@@ -226,9 +233,9 @@ def prepare(cfg: RLConfig) -> Trainer | RunResult:
         summary = json.loads((run_dir / "summary.json").read_text())
         return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
     if ddp.is_main:
-        if (run_dir / "config.json").exists():  # same name, changed config or data: start over
-            if json.loads((run_dir / "config.json").read_text()).get("digest") != identity:
-                shutil.rmtree(run_dir)
+        config = run_dir / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("digest") != identity:
+            shutil.rmtree(run_dir)  # same name, changed config or data: start over
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
                                              "world_size": ddp.world_size, "environment": environment_info()})
@@ -380,7 +387,8 @@ def _sample(tr: Trainer, model: torch.nn.Module, ids: Tensor, mask: Tensor,
     """One shard's ``(rollout, logits, ref_logits)``: with the graph kept (:func:`sample_with_logits`), else by
     ``generate`` or vLLM (no logits)."""
     cfg = tr.cfg
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed, group_size=cfg.group_size)
+    kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed,
+          "group_size": cfg.group_size}
     if tr.fuse_rollout:
         return sample_with_logits(tr.policy, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype,
                                   reference=lambda: reference(tr.policy, tr.ref), **kw)

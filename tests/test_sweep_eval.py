@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,13 @@ def test_pass_at_k_matches_brute_force(n):
             assert math.isclose(pass_at_k(n, c, k), _brute_pass_at_k(n, c, k), abs_tol=1e-12)
     with pytest.raises(ValueError):
         pass_at_k(4, 5, 1)
+
+
+def test_model_evaluation_does_not_import_the_rl_package():
+    """kl_lib.lm sits below kl_lib.rl: evaluating a model needs no trainer (run directories are kl_lib.rl's)."""
+    code = "import sys, kl_lib.lm.evaluate; print(sorted(m for m in sys.modules if m.startswith('kl_lib.rl')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):

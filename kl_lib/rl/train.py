@@ -152,8 +152,8 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, h
             if isinstance(batch, str):  # sampling failed: the weights have blown up
                 status, reason = "diverged", batch
                 break
-            hooks.after_rollout(tr, batch)
             t_generate = time.perf_counter() - t0
+            hooks.after_rollout(tr, batch)
             rewards, advantages = score(tr, batch)
             t1 = time.perf_counter()
             upd = update(tr, batch, advantages, step)

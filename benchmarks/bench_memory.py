@@ -8,35 +8,37 @@ with ``--vocab``, the full-vocabulary cost of a training step, whole batch again
         [--max-new-tokens 32] [--estimator k3] [--pythonpath DIR] [--out runs/benchmarks/memory_vocab.json]
 
 With LoRA our trainer's reference is the policy itself with its adapters disabled
-(``kl_lib.rl.train._reference``), so a reference should cost no second copy of the weights, only the
+(``kl_lib.rl.train.reference``), so a reference should cost no second copy of the weights, only the
 transient activations of one no-grad forward. This measures it. Configurations, each in a fresh process:
 
     trainer_lora_ref   kl_lib.rl.train.train, LoRA, k3 in the loss (β = 0.04): reference = disabled adapters
-    loop_lora_ref      the same step written out here (rollout, reference forward, LoRA update)
-    loop_lora_noref    the same step without any reference forward or KL term: LoRA without a reference
+    loop_lora_ref      the trainer's step functions in a loop here (rollout, reference forward, LoRA update)
+    loop_lora_noref    the same loop without any reference forward or KL term: LoRA without a reference
     trainer_full_ref   kl_lib.rl.train.train, full fine-tuning: reference = a frozen copy (for contrast)
-    loop_full_ref      the written-out step, full fine-tuning, frozen-copy reference
-    loop_full_noref    the written-out step, full fine-tuning, no reference
+    loop_full_ref      the loop, full fine-tuning, frozen-copy reference
+    loop_full_noref    the loop, full fine-tuning, no reference (and no frozen copy)
 
-Why a written-out loop: the trainer cannot train without a reference. With β = 0 it still runs the reference
+Why a loop of its own: the trainer cannot train without a reference. With β = 0 it still runs the reference
 forward, because the KL estimates are logged for every run (``KLConfig.beta``: "the term is still computed
-for logging"), so "our trainer with β = 0" is not "LoRA without a reference". ``loop_lora_noref`` is the
-trainer's step (``generate``, ``token_logprobs``, ``compute_advantages``, ``policy_loss``, AdamW, clipping:
-the same kl_lib functions) minus the reference forward and the KL term; ``loop_lora_ref`` adds exactly those
-two back, so loop_lora_ref / loop_lora_noref isolates the reference's cost, and trainer_lora_ref /
-loop_lora_noref is the issue's comparison (it also charges the trainer's logging: full-vocabulary log-probs,
-entropy, KL metrics).
+for logging"), so "our trainer with β = 0" is not "LoRA without a reference". ``loop_lora_noref`` calls the
+trainer's own steps (``kl_lib.rl.train``: ``prepare``, ``rollout``, ``score``, ``forward_logits``, then
+``kl_lib.rl.losses.policy_loss`` and ``optimizer_step``: AdamW with clipping) minus the reference forward
+(``reference_logprobs``) and the KL term (``losses.kl_loss``); ``loop_lora_ref`` adds exactly those two back, so
+loop_lora_ref / loop_lora_noref isolates the reference's cost, and trainer_lora_ref / loop_lora_noref is the
+issue's comparison (it also charges the trainer's logging: full-vocabulary log-probs, entropy, KL metrics, and
+its default ``rollout_grad``, which trains on the sampling forward; the loop recomputes it).
 
 What is measured. CPU: the peak resident set size (``VmHWM`` of ``/proc/self/status``, the value
 ``getrusage(RUSAGE_SELF).ru_maxrss`` reports) over the training steps. The peak is reset
 (``/proc/self/clear_refs``) once the models are built, so that loading does not hide the training peak, and read
-when the trainer starts saving its final checkpoint (the peak including the checkpoint and ``save_pretrained``,
+when the trainer starts saving its final checkpoint (both through ``kl_lib.rl.train.Hooks``; the peak including the checkpoint and ``save_pretrained``,
 and the whole-process peak including loading, are reported too). Resident memory includes the interpreter and
 libraries (``baseline``: after importing torch, transformers and peft), so each ratio is also given for memory
 above that baseline. Three measures make resident memory track live tensors, the same for every configuration:
 
-* the weights are copied to anonymous memory right after loading (transformers maps the safetensors file;
-  untouched pages are not resident, and the kernel may drop read-only ones at any time);
+* the weights are in anonymous memory (transformers maps the safetensors file; untouched pages are not
+  resident, and the kernel may drop read-only ones at any time): full fine-tuning's trainer copies them itself,
+  LoRA's frozen base is copied once the models are built;
 * ``MALLOC_MMAP_THRESHOLD_=65536``: glibc maps every block of 64 KiB or more and unmaps it on free. With its
   default dynamic threshold, freed activations stay in the heap and the peak reflected allocator history
   (±40 MiB between identical runs here); with it, identical runs agree to < 1 MiB;
@@ -58,8 +60,10 @@ configurations, each in a fresh process per batch size (``--batch-prompts`` prom
     vocab_micro0   micro_batch_size = 0, the whole batch in one forward/backward pass
     vocab_microG   micro_batch_size = group_size, one prompt group per pass
 
-Each step's peak is taken in two windows (peak reset at each boundary): the rollout (``generate``) and the
-update (from the end of ``generate`` to the next one: reference, policy forward/backward, optimizer, logging).
+Each step's peak is taken in two windows (peak reset at each boundary, through ``kl_lib.rl.train.Hooks``): the
+rollout (``generate``, with ``rollout_grad`` off so that the update recomputes the policy's forward in its
+micro-batches) and the update (from the end of the rollout to the next one: reference, policy
+forward/backward, optimizer, logging).
 Reported for the last step (AdamW state already allocated): the update's peak above its start, divided by
 B·R·V (R the padded response width), and the slope of that over the batch sizes, Δ bytes / Δ(B·R·V), in which
 everything per-parameter (gradients) cancels: the marginal cost of one more response token × vocab entry.
@@ -70,11 +74,10 @@ everything per-parameter (gradients) cancels: the marginal cost of one more resp
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics
@@ -145,12 +148,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import kl_lib.rl.train as rl_train
-    from kl_lib import objectives
     from kl_lib.config import KLConfig
-    from kl_lib.lm.models import add_lora, format_prompt, load_model, load_tokenizer
+    from kl_lib.lm.models import load_model
+    from kl_lib.rl import losses
     from kl_lib.rl.config import RLConfig
-    from kl_lib.rl.rollout import generate, token_logprobs
-    from kl_lib.tasks.arithmetic import load_split, reward
+    from kl_lib.rl.rollout import sampled_logprobs
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -165,87 +167,56 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                    finetune=finetune, checkpoint_every=10**9, device=device.type, dtype="float32",
                    runs_dir=args.runs_dir, name=args.child)
 
-    def models_built() -> None:
+    def models_built(tr: rl_train.Trainer) -> None:
+        if not cuda and tr.cfg.finetune == "lora":
+            # transformers maps the safetensors file and LoRA's frozen base weights stay file-backed pages: not
+            # resident until first touched, and droppable by the kernel at any time, which makes resident memory
+            # noisy. Copied to anonymous memory they count like weights on a GPU (full fine-tuning's trainer
+            # already copies the policy's weights, and its reference is a deep copy).
+            with torch.no_grad():
+                for p in tr.policy.parameters():
+                    p.data = p.data.clone()
         out["peak_before_training_mib"] = probe.peak_mib()  # includes loading the weights
         out["after_setup_mib"] = probe.current_mib()
         out["after_setup_rss_anon_mib"] = _status_kib("RssAnon") / 1024
         out["after_setup_rss_file_mib"] = _status_kib("RssFile") / 1024
         probe.reset_peak()
 
-    if not cuda:
-        # transformers maps the safetensors file and the weights stay file-backed pages until written: not
-        # resident until first touched, and droppable by the kernel at any time, which makes resident memory
-        # noisy. Copying them to anonymous memory at load (every configuration alike) makes them count like
-        # weights on a GPU.
-        loader = rl_train.load_model
-
-        def load_resident(*a, **kw):
-            model = loader(*a, **kw)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.data = p.data.clone()
-            return model
-
-        rl_train.load_model = load_model = load_resident
-
+    t = time.perf_counter()
     if args.child.startswith("trainer_"):
-        build, save = rl_train._build_models, rl_train._save_checkpoint
-
-        def build_then_mark(*a, **kw):
-            built = build(*a, **kw)
-            models_built()
-            return built
-
-        def mark_then_save(*a, **kw):  # called once, after the last step (checkpoint_every > steps)
+        def before_final_checkpoint(tr: rl_train.Trainer, step: int) -> None:  # once: checkpoint_every > steps
             out.setdefault("peak_training_mib", probe.peak_mib())
-            return save(*a, **kw)
 
-        rl_train._build_models, rl_train._save_checkpoint = build_then_mark, mark_then_save
-        t = time.perf_counter()
-        result = rl_train.train(cfg, progress=False)
+        hooks = rl_train.Hooks(after_setup=models_built, before_checkpoint=before_final_checkpoint)
+        result = rl_train.train(cfg, progress=False, hooks=hooks)
         out["train_s"] = time.perf_counter() - t
         out["status"] = result.status
         out["peak_incl_save_mib"] = probe.peak_mib()
     else:
-        # ---- the trainer's step, written out (kl_lib.rl.train.train), with or without the reference
-        tokenizer = load_tokenizer(cfg.model)
-        policy = load_model(cfg.model, device=device)
-        if finetune == "lora":
-            torch.manual_seed(cfg.seed)
-            policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-            ref = None
-        else:
-            ref = copy.deepcopy(policy).eval().requires_grad_(False) if with_ref else None
-        policy.train()
-        problems = load_split(Path(cfg.data_dir) / "rl_train.jsonl")
-        trainable = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-        models_built()
+        # ---- the trainer's own steps, with or without the reference forward and the KL term (and without its
+        # logging statistics); rollout_grad off: the update recomputes the policy's forward, as its written-out form
+        tr = rl_train.prepare(dataclasses.replace(cfg, rollout_grad=False))
+        if not with_ref:
+            tr.ref = None  # no frozen copy either (full fine-tuning)
+        models_built(tr)
         t = time.perf_counter()
         for step in range(cfg.steps):
-            rng = random.Random(step)
-            batch = [p for p in rng.sample(problems, cfg.prompts_per_step) for _ in range(cfg.group_size)]
-            enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            roll = generate(policy, tokenizer, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                            max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=step)
-            rewards = torch.tensor([reward(text, p.answer, bool(f)) for text, p, f in
-                                    zip(roll.texts, batch, roll.finished.tolist())], device=device)
-            advantages = rl_train.compute_advantages(rewards, cfg.group_size, cfg.advantage)
+            batch = rl_train.rollout(tr, step)
+            _, advantages = rl_train.score(tr, batch)
+            roll, rows = batch.roll, torch.arange(batch.roll.response_ids.shape[0], device=device)
+            tr.optimizer.zero_grad(set_to_none=True)
             if with_ref:
-                with torch.no_grad(), rl_train._reference(policy, ref) as ref_model:
-                    ref_logp, _ = token_logprobs(ref_model, roll.prompt_ids, roll.prompt_mask, roll.response_ids,
-                                                 roll.response_mask)
-            logp, _ = token_logprobs(policy, roll.prompt_ids, roll.prompt_mask, roll.response_ids, roll.response_mask)
-            loss, _ = rl_train.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
-                                           cfg.aggregation)
+                ref_logp, _ = rl_train.reference_logprobs(tr, roll, rows, cfg.group_size, full=False)
+            logp = sampled_logprobs(rl_train.forward_logits(tr, tr.policy, roll, rows, cfg.group_size),
+                                    roll.response_ids)
+            loss, _ = losses.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
+                                         cfg.aggregation)
             if with_ref:
-                kl_loss, _ = objectives.kl_term(cfg.kl, logp, ref_logp, roll.response_mask, aggregation=cfg.aggregation)
-                loss = loss + kl_loss
-            optimizer.zero_grad(set_to_none=True)
+                kl, _ = losses.kl_loss(cfg.kl, logp, ref_logp, roll.response_mask, behavior_logp=None, logprobs=None,
+                                       ref_logprobs=None, aggregation=cfg.aggregation)
+                loss = loss + kl
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
+            rl_train.optimizer_step(tr, loss.detach(), step)
         out["train_s"] = time.perf_counter() - t
         out["status"] = "done"
         out["peak_training_mib"] = probe.peak_mib()
@@ -274,46 +245,28 @@ def child_vocab(args: argparse.Namespace) -> dict[str, Any]:
                    prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                    advantage="grpo", kl=KLConfig(args.estimator, "loss", beta=BETA), finetune="full",
                    checkpoint_every=10**9, device=device.type, dtype="float32", runs_dir=args.runs_dir,
-                   name=args.child, **micro)
+                   name=args.child, rollout_grad=False, **micro)
     windows: list[dict[str, float]] = []  # one per step: rollout and update peaks, and where each began
-    loader, build, save, generate = rl_train.load_model, rl_train._build_models, rl_train._save_checkpoint, \
-        rl_train.generate
 
-    def load_resident(*a, **kw):  # as in child(): weights in anonymous memory, so that they count like on a GPU
-        model = loader(*a, **kw)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.data = p.data.clone()
-        return model
-
-    def build_then_reset(*a, **kw):
-        built = build(*a, **kw)
-        probe.reset_peak()
-        return built
-
-    def end_update() -> None:
+    def end_update(*_: Any) -> None:
         if windows:
             windows[-1]["update_peak_mib"] = probe.peak_mib()
 
-    def measured_generate(*a, **kw):
+    def before_rollout(tr: rl_train.Trainer, step: int) -> None:
         end_update()
         windows.append({"rollout_start_mib": probe.current_mib()})
         probe.reset_peak()
-        roll = generate(*a, **kw)
+
+    def after_rollout(tr: rl_train.Trainer, batch: rl_train.Batch) -> None:
         windows[-1].update(rollout_peak_mib=probe.peak_mib(), update_start_mib=probe.current_mib(),
-                           batch=roll.response_ids.shape[0], response_width=roll.response_ids.shape[1])
+                           batch=batch.roll.response_ids.shape[0], response_width=batch.roll.response_ids.shape[1])
         probe.reset_peak()
-        return roll
 
-    def end_then_save(*a, **kw):
-        end_update()
-        return save(*a, **kw)
-
-    rl_train.load_model = load_resident
-    rl_train._build_models, rl_train._save_checkpoint, rl_train.generate = build_then_reset, end_then_save, \
-        measured_generate
+    # The trainer's weights are fresh allocations (anonymous memory) already: full fine-tuning copies them.
+    hooks = rl_train.Hooks(after_setup=lambda tr: probe.reset_peak(), before_rollout=before_rollout,
+                           after_rollout=after_rollout, before_checkpoint=end_update)
     t = time.perf_counter()
-    result = rl_train.train(cfg, progress=False)
+    result = rl_train.train(cfg, progress=False, hooks=hooks)
     if not cuda and any(w.get("update_peak_mib") is None for w in windows):
         raise RuntimeError("the final checkpoint was not saved: the last update's peak is missing")
     return {"config": args.child, "device": device.type, "status": result.status,
@@ -475,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     import torch
 
-    from kl_lib.lm.models import save_untrained_model
     from kl_lib.files import environment_info, write_json
+    from kl_lib.lm.models import save_untrained_model
     from kl_lib.tasks.arithmetic import write_splits
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}

@@ -42,8 +42,8 @@ each run does ``--warmup`` untimed steps then ``--steps`` timed ones. Two clocks
 
 * ``step``: ours ``time/step_s`` from ``metrics.jsonl`` (rollout to logging, inclusive); TRL the wall time from
   ``TrainerCallback.on_step_begin`` to ``on_step_end`` (generation, scoring, forward, backward, optimizer).
-* ``cycle``: start-to-start time of consecutive steps (ours: consecutive calls of ``generate``, wrapped for
-  this purpose; TRL: consecutive ``on_step_begin``), which adds whatever each loop does between steps (data
+* ``cycle``: start-to-start time of consecutive steps (ours: consecutive ``Hooks.before_rollout`` calls of
+  ``kl_lib.rl.train``; TRL: consecutive ``on_step_begin``), which adds whatever each loop does between steps (data
   loading, logging, metric files). steps/s = 1 / median cycle time of a run.
 
 Threads: both sides use ``--threads`` intra-op threads (default 1). On the shared two-core machine this was
@@ -75,6 +75,7 @@ import torch
 
 import kl_lib.rl.train as rl_train
 from kl_lib.config import KLConfig
+from kl_lib.files import environment_info, write_json
 from kl_lib.lm.models import (
     format_prompt,
     load_model,
@@ -83,7 +84,6 @@ from kl_lib.lm.models import (
 )
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
-from kl_lib.files import environment_info, write_json
 from kl_lib.tasks.arithmetic import generate_split, load_split, reward, write_splits
 
 BETA = 0.04
@@ -107,22 +107,9 @@ def ours_config(args: argparse.Namespace, model_dir: str, data_dir: str, runs_di
 
 
 def run_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_dir: str, name: str) -> dict[str, Any]:
-    starts: list[float] = []
-    samplers = {fn: getattr(rl_train, fn) for fn in ("generate", "sample_with_logits")}
-
-    def timed(original):
-        def wrapper(*a, **kw):  # the first thing of each step that touches the model: a step's start
-            starts.append(time.perf_counter())
-            return original(*a, **kw)
-        return wrapper
-
-    for fn, original in samplers.items():
-        setattr(rl_train, fn, timed(original))
-    try:
-        result = rl_train.train(ours_config(args, model_dir, data_dir, runs_dir, name), progress=False)
-    finally:
-        for fn, original in samplers.items():
-            setattr(rl_train, fn, original)
+    starts: list[float] = []  # each step's start (the trainer's before_rollout hook)
+    hooks = rl_train.Hooks(before_rollout=lambda tr, step: starts.append(time.perf_counter()))
+    result = rl_train.train(ours_config(args, model_dir, data_dir, runs_dir, name), progress=False, hooks=hooks)
     if result.status != "done":
         raise RuntimeError(f"our trainer ended with status {result.status!r}: {result.summary}")
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -298,9 +285,9 @@ def profile_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_d
                    if (n == name or (f == "~" and name in n)) and file_part in f)
 
     outside = {
-        "set-up (models, run identity, environment)": cumulative("_build_models") + cumulative("run_identity")
+        "set-up (models, run identity, environment)": cumulative("build_models") + cumulative("run_identity")
         + cumulative("environment_info") + cumulative("load_split"),
-        "end of run (checkpoint, save_pretrained)": cumulative("_save_checkpoint") + cumulative("save_pretrained"),
+        "end of run (checkpoint, save_pretrained)": cumulative("save_checkpoint") + cumulative("save_pretrained"),
     }
     loop = total - sum(outside.values())
     parts = {

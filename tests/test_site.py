@@ -13,7 +13,8 @@ import pytest
 
 from kl_lib.study import site
 from kl_lib.config import KLConfig
-from kl_lib.lm.evaluate import EvalSettings, evaluate_path, evaluate_run
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path
+from kl_lib.rl.checkpoints import evaluate_run
 from kl_lib.lm.models import save_untrained_model
 from kl_lib.rl.config import RLConfig
 from kl_lib.tasks.arithmetic import write_splits

@@ -2,22 +2,28 @@
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from kl_lib.config import KLConfig
-from kl_lib.lm.evaluate import EvalSettings, evaluate_path, evaluate_run, model_digest, pass_at_k
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path, model_digest, pass_at_k
 from kl_lib.lm.models import save_untrained_model
+from kl_lib.rl.checkpoints import evaluate_run
+from kl_lib.rl.config import RLConfig
+from kl_lib.rl.sweep import eval_settings, expand_sweep
+from kl_lib.rl.sweep import main as sweep_main
+from kl_lib.rl.train import train
 from kl_lib.study.runs import load_runs
 from kl_lib.study.tables import results_table
-from kl_lib.rl.config import RLConfig
-from kl_lib.rl.sweep import eval_settings, expand_sweep, main as sweep_main
 from kl_lib.tasks.arithmetic import write_splits
 
 
 def test_the_shipped_sweep_expands_to_valid_distinct_runs():
-    spec = yaml.safe_load(open("configs/sweep.yaml"))
+    spec = yaml.safe_load(Path("configs/sweep.yaml").read_text())
     full, smoke = expand_sweep(spec), expand_sweep(spec, smoke=True)
     names = [c.run_name() for c in full]
     assert len(names) == len(set(names)) == 78
@@ -55,9 +61,14 @@ def test_pass_at_k_matches_brute_force(n):
         pass_at_k(4, 5, 1)
 
 
-def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
-    from kl_lib.rl.train import train
+def test_model_evaluation_does_not_import_the_rl_package():
+    """kl_lib.lm sits below kl_lib.rl: evaluating a model needs no trainer (run directories are kl_lib.rl's)."""
+    code = "import sys, kl_lib.lm.evaluate; print(sorted(m for m in sys.modules if m.startswith('kl_lib.rl')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
+
+def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
     model = save_untrained_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     write_splits(tmp_path / "data", sizes={"sft": 10, "rl_train": 16, "id_test": 6, "ood_test": 6})
     cfg = RLConfig(model=str(model), data_dir=str(tmp_path / "data"), steps=2, prompts_per_step=2, group_size=2,

@@ -7,8 +7,9 @@ correct ones c_i. Then
     pass@k  = mean_i [1 − C(n − c_i, k) / C(n, k)]             (unbiased, Chen et al. 2021), k ≤ n
     greedy  = mean_i 1[greedy completion correct]
 
-Results of a run are cached in ``<run>/eval.json`` under a key made of the model files' digest and the
-evaluation settings, so they are recomputed only when the checkpoint (or the settings) change.
+:func:`evaluate_path` caches a model directory's results in a JSON file under a key made of the model files'
+digest, the evaluation settings and the problems, so they are recomputed only when one of them changes (a run
+directory's checkpoints are evaluated by ``kl_lib.rl.checkpoints.evaluate_run`` with the same keys).
 
 Departure from the paper: MATH500 / MMLU subsets are replaced by the arithmetic ``id_test`` / ``ood_test``
 splits; min-p sampling is not used.
@@ -25,12 +26,12 @@ from typing import Any
 
 import torch
 
-from kl_lib.lm.models import add_lora, encode_prompts, load_model, load_tokenizer
 from kl_lib.files import config_digest, file_digest, write_json
+from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
-__all__ = ["EvalSettings", "pass_at_k", "greedy_accuracy", "evaluate_model", "load_for_eval", "model_digest", "evaluate_path",
-           "load_checkpoint_model", "evaluate_run"]
+__all__ = ["EvalSettings", "data_key", "evaluate_model", "evaluate_path", "evaluate_splits", "greedy_accuracy",
+           "load_for_eval", "load_splits", "model_digest", "pass_at_k"]
 
 
 @dataclass(frozen=True)
@@ -150,69 +151,30 @@ def evaluate_path(model_path: str | Path, data_dir: str | Path, cache: str | Pat
                   settings: EvalSettings = EvalSettings(), device: str | torch.device = "cpu") -> dict[str, Any]:
     """Evaluate a model directory on the settings' splits, cached in the JSON file ``cache``."""
     cache = Path(cache)
-    splits = _load_splits(settings, data_dir)
-    key = f"{model_digest(model_path)}-{settings.key()}-{_data_key(splits)}"
+    splits = load_splits(settings, data_dir)
+    key = f"{model_digest(model_path)}-{settings.key()}-{data_key(splits)}"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
         return cached
     model, tokenizer = load_for_eval(model_path, device)
-    results = {split: evaluate_model(model, tokenizer, problems, settings) for split, problems in splits.items()}
-    record = {"key": key, "model": str(model_path), "settings": asdict(settings), "results": results}
+    record = {"key": key, "model": str(model_path), "settings": asdict(settings),
+              "results": evaluate_splits(model, tokenizer, splits, settings)}
     write_json(cache, record)
     return json.loads(cache.read_text())  # the same object a cache hit returns
 
 
-def load_checkpoint_model(run_dir: str | Path, checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` of an intermediate checkpoint ``<run>/checkpoints/step_N`` (trainable weights only)."""
-    from kl_lib.rl.config import from_dict
-    from kl_lib.rl.train import _load_trainable
-
-    cfg = from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
-    model = load_model(cfg.model, device=device)
-    if cfg.finetune == "lora":
-        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    state = torch.load(Path(checkpoint) / "state.pt", map_location=device, weights_only=False)
-    _load_trainable(model, state["trainable"])
-    if cfg.finetune == "lora":
-        model = model.merge_and_unload()
-    return model, load_tokenizer(cfg.model)
+def evaluate_splits(model, tokenizer, splits: dict[str, list[Problem]], settings: EvalSettings) -> dict[str, Any]:
+    """``{split: evaluate_model(...)}`` for each split's problems."""
+    return {split: evaluate_model(model, tokenizer, problems, settings) for split, problems in splits.items()}
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | Path, settings: EvalSettings = EvalSettings(),
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Evaluate a finished run's final model and every kept intermediate checkpoint, cached in ``eval.json``.
-
-    Returns ``{"final": record, "step_000050": record, ...}``; each record is recomputed only when its weights
-    or the settings change.
-    """
-    run_dir = Path(run_dir)
-    splits = _load_splits(settings, data_dir)
-    cache_path = run_dir / "eval.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    out: dict[str, Any] = {}
-    targets = [("final", run_dir / "final")] if (run_dir / "final").exists() else []
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
-    if targets:
-        checkpoints = checkpoints[:-1]  # the last checkpoint holds the same weights as final/
-    targets += [(ckpt.name, ckpt) for ckpt in checkpoints]
-    for name, path in targets:
-        weights = model_digest(path) if name == "final" else file_digest(path / "state.pt")[:16]
-        key = f"{weights}-{settings.key()}-{_data_key(splits)}"
-        if cache.get(name, {}).get("key") == key:
-            out[name] = cache[name]
-            continue
-        model, tokenizer = load_for_eval(path, device) if name == "final" else load_checkpoint_model(run_dir, path, device)
-        results = {split: evaluate_model(model, tokenizer, problems, settings) for split, problems in splits.items()}
-        out[name] = {"key": key, "model": str(path), "settings": asdict(settings), "results": results}
-    write_json(cache_path, out)
-    return json.loads(cache_path.read_text())
-
-
-def _load_splits(settings: EvalSettings, data_dir: str | Path | None) -> dict[str, list[Problem]]:
+def load_splits(settings: EvalSettings, data_dir: str | Path | None) -> dict[str, list[Problem]]:
+    """The settings' task's evaluation splits, by name (from ``data_dir``, or the task's default)."""
     task = get_task(settings.task)
     return {split: task.load_split(split, str(data_dir) if data_dir else None) for split in settings.splits}
 
 
-def _data_key(splits: dict[str, list[Problem]]) -> str:
+def data_key(splits: dict[str, list[Problem]]) -> str:
+    """A digest of the problems of every split: part of each cached result's key."""
     return hashlib.sha256("".join(problems_digest(p) for p in splits.values()).encode()).hexdigest()[:12]
 

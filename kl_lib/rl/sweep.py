@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -36,14 +37,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
-from kl_lib.lm.evaluate import EvalSettings, evaluate_path
-from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
 from kl_lib.files import write_json
+from kl_lib.lm.evaluate import EvalSettings, evaluate_path
+from kl_lib.lm.sft import SMOKE, train_base_model
+from kl_lib.rl.checkpoints import evaluate_run
+from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
+from kl_lib.rl.train import train
+from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS
+from kl_lib.tasks.arithmetic import write_splits
 
-__all__ = ["eval_settings", "expand_sweep", "run_sweep"]
+__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep"]
 
 _SWEEP_KEYS = {"base", "smoke", "groups", "eval"}
 _GROUP_KEYS = {"set", "seeds", "betas", "kl"}
@@ -97,12 +104,7 @@ def eval_settings(spec: dict[str, Any], smoke: bool = False) -> EvalSettings:
 
 
 def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
-    import torch
-
     torch.set_num_threads(int(os.environ.get("KL_SWEEP_THREADS", "1")))
-    from kl_lib.lm.evaluate import evaluate_run
-    from kl_lib.rl.train import train
-
     cfg = from_dict(cfg_dict)
     start = time.time()
     try:
@@ -136,6 +138,47 @@ def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True,
                 bar.update()
     bar.close()
     return sorted(results, key=lambda r: r["name"])
+
+
+def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path = "configs/sweep.yaml",
+                       model_dir: str | Path = "data/models/tiny-base-smoke", data_dir: str | Path = "data/arithmetic",
+                       jobs: int = 2) -> Path:
+    """Build what ``make base-model sweep SMOKE=1`` builds (task data, the 200-step SFT model, the smoke
+    sweep with its evaluations and ``base_eval.json``), reusing everything already there; returns ``runs_dir``.
+
+    This is how notebooks 04–05 run on a fresh clone in smoke mode. Only runs that are not finished (or finished
+    but not evaluated) are handed to the sweep runner, so a complete smoke sweep costs a directory listing.
+    """
+    runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)
+    spec = yaml.safe_load(Path(sweep).read_text())
+    overrides = [f"runs_dir={runs_dir}", f"model={model_dir}", f"data_dir={data_dir}"]
+    configs = expand_sweep(spec, smoke=True, overrides=overrides)
+    settings = eval_settings(spec, smoke=True)
+
+    def complete(cfg: RLConfig) -> bool:
+        d = runs_dir / cfg.run_name()
+        if not (d / "DONE").exists():
+            return False
+        evaluated = (d / "eval.json").exists() and "final" in json.loads((d / "eval.json").read_text())
+        return (d / "DONE").read_text().strip() == "diverged" or evaluated
+
+    todo = [c for c in configs if not complete(c)]
+    if not todo and (runs_dir / "base_eval.json").exists():
+        return runs_dir
+    if not all((data_dir / f"{s}.jsonl").exists() for s in DATA_SPLITS):
+        write_splits(data_dir)  # `make data`
+    train_base_model(model_dir, dataclasses.replace(SMOKE, data_dir=str(data_dir)))  # reused if current
+    evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
+    # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
+    results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"smoke sweep: {len(failed)} run(s) failed, first: {failed[0]['name']}: {failed[0]['error']}")
+    done = {r["name"] for r in results}
+    records = results + [{"name": c.run_name(), "status": "skipped"} for c in configs if c.run_name() not in done]
+    write_json(runs_dir / "sweep.json", {"sweep": str(sweep), "smoke": True,
+                                         "runs": sorted(records, key=lambda r: r["name"])})
+    return runs_dir
 
 
 def main(argv: list[str] | None = None) -> int:

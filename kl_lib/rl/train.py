@@ -2,35 +2,38 @@
 
     python -m kl_lib.rl.train --config configs/base.yaml [--set kl.estimator=k3 --set kl.placement=loss ...]
 
-Per step (the paper's on-policy RLOO by default):
+:func:`train` is the loop; each step is a named function below it (the paper's on-policy RLOO by default):
 
-1. **Rollout.** ``prompts_per_step`` prompts × ``group_size`` samples from the *sampler*: the current policy,
-   or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL). For one
+1. :func:`rollout`: ``prompts_per_step`` prompts × ``group_size`` samples from the *sampler*: the current
+   policy, or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL). For one
    on-policy REINFORCE pass over the whole batch (``rollout_grad``), the sampling forward keeps its autograd
    graph and *is* the training forward (the reference is scored in the same loop), instead of being recomputed.
-2. **Reward and advantage.** R ∈ {0, 1} from the task's verifier; A_i = R_i − mean_{j≠i} R_j (RLOO),
-   (R_i − mean)/std (GRPO) or R_i − mean (Dr. GRPO), within each prompt's group.
-3. **Loss** (minimised) = policy-gradient term + the KL configuration's term from ``kl_lib.objectives``, the
-   same code the exact analysis differentiates:
+2. :func:`score`: R ∈ {0, 1} from the task's verifier and the advantages within each prompt's group
+   (``kl_lib.rl.losses``: RLOO, GRPO or Dr. GRPO).
+3. :func:`update`: ``ppo_epochs`` × ``ppo_minibatches`` AdamW updates (one for REINFORCE) of the loss (minimised)
 
        REINFORCE:  L_pg = −(1/N) Σ_i A_i Σ_t m_t log π(y_t)
        PPO-clip:   L_pg = −(1/N) Σ_i Σ_t m_t min(r_t A_i, clip(r_t, 1 ± ε) A_i),  r_t = π/μ
-       KL:         L_kl = objectives.kl_term(config.kl, log π, log π_ref, m, behavior_logp=log μ)
+       KL:         L_kl = objectives.kl_term(config.kl, log π, log π_ref, m, behavior_logp=log μ)'s loss
 
-   Sums over tokens (no length normalisation) unless ``aggregation = "token_mean"``.
-4. **Update** with AdamW, gradient clipping; NaN/Inf or |loss| > ``divergence_loss`` marks the run diverged.
-   With ``micro_batch_size = m`` each update batch of N sequences is computed in passes of m sequences
-   (forward, then backward of the pass's loss × m/N), so the accumulated gradient is the batch's; the
-   reference, the loss values and the logged statistics are computed pass by pass too and combined into
-   the whole batch's (sums over tokens and sequences, divided once). Nothing the size of the vocabulary is
-   kept for more than one pass, except the reference's full log-probs, recomputed per pass by the analytic
-   estimator when a batch is passed over more than once (PPO).
+   summed over tokens (no length normalisation) unless ``aggregation = "token_mean"``; gradient clipping;
+   NaN/Inf or |loss| > ``divergence_loss`` marks the run diverged. With ``micro_batch_size = m`` each update
+   batch of N sequences is computed in passes of m sequences (:func:`micro_pass`: forward, then backward of the
+   pass's loss × m/N), so the accumulated gradient is the batch's; the reference, the loss values and the logged
+   statistics are computed pass by pass too and combined into the whole batch's (sums over tokens and
+   sequences, divided once). Nothing the size of the vocabulary is kept for more than one pass, except the
+   reference's full log-probs, recomputed per pass by the analytic estimator when a batch is passed over more
+   than once (PPO).
+4. :func:`log_step`: one line of ``metrics.jsonl``: rewards, every estimator's KL of the pre-update policy on
+   the whole batch (``kl/k1`` … ``kl/analytic``, each computed once per pass), entropy, losses, gradient norm,
+   the clip fractions (``ppo/clip_fraction``, and ``kl/clip_fraction`` when ``kl.log_ratio_clamp`` is set).
+5. a checkpoint every ``checkpoint_every`` steps (``kl_lib.rl.checkpoints``), and :func:`finish`.
 
 The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
 adapters disabled (no second copy in memory). Everything a run produces lives in ``runs/rl/<name>/``:
 ``config.json``, ``metrics.jsonl`` (one line per step, namespaced keys), ``checkpoints/``, ``summary.json``
 and ``DONE`` (written last). An interrupted run resumes from its last checkpoint and produces the same metrics
-as an uninterrupted one (seeded per step; CPU).
+as an uninterrupted one (seeded per step; CPU). :class:`Hooks` let a benchmark observe a real run.
 
 Departures from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``; unbiased
 either way); the model, task and scale are small (see ``kl_lib.tasks.arithmetic``).
@@ -41,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import random
@@ -49,6 +51,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +62,27 @@ from tqdm.auto import tqdm
 
 from kl_lib import objectives
 from kl_lib.estimators import analytic, get_estimator
-from kl_lib.lm.models import add_lora, encode_prompts, load_model, load_tokenizer
-from kl_lib.rl import distributed
+from kl_lib.files import environment_info, write_json
+from kl_lib.lm.models import (
+    add_lora,
+    encode_prompts,
+    load_model,
+    load_tokenizer,
+    model_source,
+)
+from kl_lib.lm.presets import resolve
+from kl_lib.rl import distributed, vllm_backend
+from kl_lib.rl.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable,
+    run_identity,
+    save_checkpoint,
+    trainable_state,
+    truncate_metrics,
+)
 from kl_lib.rl.config import RLConfig, load_config
+from kl_lib.rl.losses import compute_advantages, kl_loss, policy_loss
 from kl_lib.rl.rollout import (
     Rollout,
     concat_rollouts,
@@ -70,56 +91,172 @@ from kl_lib.rl.rollout import (
     sample_with_logits,
     sampled_logprobs,
 )
-from kl_lib.files import atomic_write, environment_info, write_json
-from kl_lib.tasks import Problem, get_task, problems_digest
+from kl_lib.tasks import Problem, Task, get_task
 
-__all__ = ["RunResult", "compute_advantages", "policy_loss", "resolve_device", "train"]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Pieces of the objective
-# ------------------------------------------------------------------------------------------------------------
-
-
-def compute_advantages(rewards: Tensor, group_size: int, kind: str) -> Tensor:
-    """Per-sequence advantages ``(B,)`` from rewards ``(B,)`` laid out as consecutive groups of ``group_size``."""
-    r = rewards.view(-1, group_size)  # (num_prompts, G)
-    mean = r.mean(-1, keepdim=True)
-    if kind == "rloo":
-        adv = (r - mean) * group_size / (group_size - 1)  # = R_i − mean of the others
-    elif kind == "grpo":
-        adv = (r - mean) / (r.std(-1, keepdim=True) + 1e-6)
-    elif kind == "drgrpo":
-        adv = r - mean
-    else:
-        raise ValueError(f"unknown advantage {kind!r}; choose 'rloo', 'grpo' or 'drgrpo'")
-    return adv.reshape(-1)
-
-
-def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behavior_logp: Tensor | None,
-                clip_eps: float, aggregation: str) -> tuple[Tensor, dict[str, float]]:
-    """The policy-gradient term (minimised), mean over sequences; ``logp``/``mask`` are ``(B, R)``."""
-    m = mask.to(logp.dtype)
-    if kind == "reinforce":
-        per_token = -advantages[:, None] * logp
-        clip_fraction = 0.0
-    else:
-        if behavior_logp is None:
-            raise ValueError("PPO needs the behaviour log-probs")
-        ratio = torch.exp(logp - behavior_logp)
-        unclipped = ratio * advantages[:, None]
-        clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages[:, None]
-        per_token = -torch.minimum(unclipped, clipped)
-        clip_fraction = float(((clipped < unclipped).to(m.dtype) * m).sum() / m.sum().clamp_min(1))
-    per_seq = (per_token * m).sum(-1)
-    if aggregation == "token_mean":
-        per_seq = per_seq / m.sum(-1).clamp_min(1)
-    return per_seq.mean(), {"ppo/clip_fraction": clip_fraction}
+__all__ = ["Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models", "finish", "forward_logits",
+           "log_step", "micro_pass", "optimizer_step", "prepare", "reference", "reference_logprobs", "resolve_device",
+           "resume", "rollout", "score", "train", "update"]
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Set-up
+# The loop
 # ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "done", "diverged", "skipped", "interrupted"
+    steps_completed: int
+    summary: dict[str, Any]
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks into :func:`train` for observing a real run from outside (``benchmarks/``); no-ops by default."""
+
+    after_setup: Callable[[Trainer], None] = _nothing
+    """The models and the optimizer are built; before resuming and the first step."""
+    before_rollout: Callable[[Trainer, int], None] = _nothing
+    """A step begins (its number)."""
+    after_rollout: Callable[[Trainer, Batch], None] = _nothing
+    """The step's batch is sampled; the update follows."""
+    before_checkpoint: Callable[[Trainer, int], None] = _nothing
+    """Rank 0 is about to save the checkpoint after this many steps."""
+
+
+def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, hooks: Hooks = Hooks()) -> RunResult:
+    """Run (or resume, or skip if already done) the configured training; returns where and how it ended.
+
+    ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
+    Under a multi-process launch (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
+    """
+    tr = prepare(cfg)
+    if isinstance(tr, RunResult):
+        return tr  # finished earlier with the same identity
+    hooks.after_setup(tr)
+    start_step, history = resume(tr)
+    status, reason = "done", None
+    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", initial=start_step, total=cfg.steps,
+               disable=not progress or not tr.ddp.is_main, mininterval=2, file=sys.stderr)
+    metrics_path = tr.run_dir / "metrics.jsonl"
+    with open(metrics_path, "a") if tr.ddp.is_main else contextlib.nullcontext() as metrics_file:
+        for step in bar:
+            t0 = time.perf_counter()
+            hooks.before_rollout(tr, step)
+            batch = rollout(tr, step)
+            if isinstance(batch, str):  # sampling failed: the weights have blown up
+                status, reason = "diverged", batch
+                break
+            t_generate = time.perf_counter() - t0
+            hooks.after_rollout(tr, batch)
+            rewards, advantages = score(tr, batch)
+            t1 = time.perf_counter()
+            upd = update(tr, batch, advantages, step)
+            row = log_step(tr, step, batch, rewards, upd, t_generate, time.perf_counter() - t1, t0)
+            if tr.ddp.is_main:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            history.append(row)
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['kl/k1']:.3f}")
+            if upd.diverged is not None:
+                status, reason = "diverged", upd.diverged
+                break
+            done_steps = step + 1
+            if tr.ddp.is_main and (done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps):
+                hooks.before_checkpoint(tr, done_steps)
+                save_checkpoint(tr.run_dir, done_steps, tr.policy, tr.optimizer, tr.snapshots, tr.identity,
+                                cfg.keep_checkpoints)
+            if stop_after is not None and done_steps - start_step >= stop_after and done_steps < cfg.steps:
+                bar.close()
+                tr.ddp.barrier()
+                return RunResult(tr.run_dir, "interrupted", done_steps, {})
+    bar.close()
+    return finish(tr, history, status, reason)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up: inputs checked, run directory, models, resumption
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """What a run holds from step to step."""
+
+    cfg: RLConfig
+    task: Task
+    problems: list[Problem]  # the rl_train split prompts are drawn from
+    ddp: distributed.Dist
+    shards: list[tuple[int, int]]  # this rank's [start, stop) prompt ranges, each a rollout shard with its seed
+    run_dir: Path
+    identity: str  # checkpoints.run_identity
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Any
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None  # the frozen copy; None with LoRA (the policy with its adapters disabled)
+    sampler: torch.nn.Module | None  # with async_lag: a copy holding the weights of `async_lag` steps ago
+    engine: vllm_backend.VLLMSampler | None  # rollout_backend = "vllm"
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    snapshots: deque  # trainable weights of the last async_lag + 1 policies
+    fixed_width: bool  # responses padded to max_new_tokens, so that shards and ranks line up
+    fuse_rollout: bool  # train on the sampling forward itself (see rollout_grad)
+
+
+def prepare(cfg: RLConfig) -> Trainer | RunResult:
+    """Check every input before any compute, open the run directory and build the models and the optimizer;
+    a :class:`RunResult` ``"skipped"`` instead when the run finished earlier with the same identity."""
+    resolve(cfg.model)  # FileNotFoundError for a missing local directory, ValueError for a malformed name
+    if cfg.rollout_backend == "vllm":
+        vllm_backend.check_available()
+    task = get_task(cfg.task)
+    problems = task.load_split("rl_train", cfg.data_dir or None)
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(f"task {cfg.task!r} has {len(problems)} rl_train problems, fewer than "
+                         f"prompts_per_step={cfg.prompts_per_step}")
+    ddp = distributed.init()
+    shards = distributed.split(cfg.prompts_per_step, ddp, cfg.rollout_shards)
+    local = sum(stop - start for start, stop in shards) * cfg.group_size  # this rank's sequences per step
+    if local % cfg.ppo_minibatches or (cfg.micro_batch_size and (local // cfg.ppo_minibatches) % cfg.micro_batch_size):
+        raise ValueError(f"with {ddp.world_size} processes each holds {local} sequences per step, which "
+                         f"ppo_minibatches={cfg.ppo_minibatches} and micro_batch_size={cfg.micro_batch_size} "
+                         "(per process) must divide into whole updates and passes; lower them or use fewer processes")
+    run_dir = Path(cfg.runs_dir) / cfg.run_name()
+    identity = run_identity(cfg, problems)
+    if (run_dir / "DONE").exists() and json.loads((run_dir / "config.json").read_text()).get("digest") == identity:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
+    if ddp.is_main:
+        config = run_dir / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("digest") != identity:
+            shutil.rmtree(run_dir)  # same name, changed config or data: start over
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
+                                             "world_size": ddp.world_size, "environment": environment_info()})
+    ddp.barrier()
+
+    device, autocast_dtype = resolve_device(cfg, ddp.local_rank)
+    tokenizer, policy, ref, sampler = build_models(cfg, device)
+    engine = None
+    if cfg.rollout_backend == "vllm":
+        engine = vllm_backend.VLLMSampler(model_source(cfg.model)[0], tokenizer, seed=cfg.seed,
+                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    fixed_width = len(shards) > 1 or ddp.enabled
+    # Train on the sampling forward itself: only for one on-policy REINFORCE pass over the whole batch.
+    fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
+                    and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
+                    and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
+    return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, device, autocast_dtype, tokenizer, policy,
+                   ref, sampler, engine, trainable,
+                   torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                   deque(maxlen=cfg.async_lag + 1), fixed_width, fuse_rollout)
 
 
 def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -144,51 +281,8 @@ def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, to
     return device, None
 
 
-def _check_model(cfg: RLConfig) -> None:
-    """Fail before any compute when the model is neither a directory, a preset nor a hub id (or is missing)."""
-    from kl_lib.lm.presets import resolve
-
-    resolve(cfg.model)  # FileNotFoundError for a missing local directory, ValueError for a malformed name
-    if cfg.rollout_backend == "vllm":
-        from kl_lib.rl import vllm_backend
-
-        vllm_backend.check_available()
-
-
-def run_identity(cfg: RLConfig, problems: list[Problem] | None = None) -> str:
-    """What a run's results depend on: its config digest, the base model's weights and the training prompts.
-
-    A finished run is skipped only when this is unchanged, so retraining the base model or regenerating the
-    data reruns the sweep rather than silently keeping stale results.
-    """
-    from kl_lib.lm.evaluate import model_digest
-
-    if problems is None:
-        problems = get_task(cfg.task).load_split("rl_train", cfg.data_dir or None)
-    model = Path(_model_source(cfg.model))  # a preset's local cache is hashed like any model directory
-    parts = [cfg.digest(), model_digest(model) if model.is_dir() else cfg.model, problems_digest(problems)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def _model_source(name: str) -> str:
-    """The directory or hub id that ``from_pretrained`` (and vLLM) load for a model name or preset."""
-    from kl_lib.lm.models import model_source
-
-    return model_source(name)[0]
-
-
-def _build_models(cfg: RLConfig, device: torch.device):
+def build_models(cfg: RLConfig, device: torch.device):
+    """``(tokenizer, policy, reference or None, sampler or None)`` for a run (see :class:`Trainer`)."""
     tokenizer = load_tokenizer(cfg.model, use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template])
     # LoRA trains float32 adapters on a frozen base, which may be stored in the preset's GPU dtype (bf16): it is
     # also the reference. Full fine-tuning keeps float32 master weights (autocast to bf16 on GPUs).
@@ -208,14 +302,117 @@ def _build_models(cfg: RLConfig, device: torch.device):
                 param.data = param.data.clone()
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
-    sampler = None
-    if cfg.async_lag:
-        sampler = copy.deepcopy(policy).eval().requires_grad_(False)
+    sampler = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.async_lag else None
     return tokenizer, policy, ref, sampler
 
 
+def resume(tr: Trainer) -> tuple[int, list[dict[str, Any]]]:
+    """``(first step, metrics of the steps before it)``: from the last checkpoint of the same identity, if any."""
+    start_step = 0
+    ckpt = latest_checkpoint(tr.run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, tr.device)
+        if state["digest"] == tr.identity:
+            load_trainable(tr.policy, state["trainable"])
+            tr.optimizer.load_state_dict(state["optimizer"])
+            tr.snapshots.extend(state["snapshots"])
+            start_step = state["step"]
+    metrics_path = tr.run_dir / "metrics.jsonl"
+    if tr.ddp.is_main:
+        truncate_metrics(metrics_path, start_step)
+    tr.ddp.barrier()
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    return start_step, history
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rollout and rewards
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A step's samples: the rollout ``(B, R)``, each sequence's problem and, when the sampling forward is the
+    training one, its differentiable logits and the reference's (both ``(B, R, V)``, consumed by the update)."""
+
+    roll: Rollout
+    problems: list[Problem]
+    logits: Tensor | None = None
+    ref_logits: Tensor | None = None
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**31 - 1)
+
+
+def _shard_seed(seed: int, step: int, start: int) -> int:
+    """Sampling seed of the rollout shard that begins at prompt ``start`` (shard 0 uses the step's seed)."""
+    return (_step_seed(seed, step) + 1_000_033 * start) % (2**31 - 1)
+
+
+def rollout(tr: Trainer, step: int) -> Batch | str:
+    """Sample the step's groups from the current policy, or from the one of ``async_lag`` steps ago; a string
+    saying why when sampling failed (on any rank) because the weights are no longer finite."""
+    cfg = tr.cfg
+    if cfg.async_lag:
+        tr.snapshots.append(trainable_state(tr.policy))
+        load_trainable(tr.sampler, tr.snapshots[0])  # lag steps old (or the oldest available early on)
+    model = tr.sampler if cfg.async_lag else tr.policy
+    chosen = random.Random(_step_seed(cfg.seed, step)).sample(tr.problems, cfg.prompts_per_step)  # same on every rank
+    all_ids, all_mask = encode_prompts(tr.tokenizer, [p.prompt for p in chosen], tr.device)
+    if tr.engine is not None:
+        tr.engine.sync_weights(model)  # vLLM samples from exactly these weights
+    problems, rolls, failed = [], [], None
+    logits = ref_logits = None  # (B, R, V) with the policy's graph, and the reference's, on the fused path
+    for start, stop in tr.shards:  # this rank's rollout shards, each with its own seed
+        ids, mask = (t[start:stop].repeat_interleave(cfg.group_size, 0) for t in (all_ids, all_mask))
+        problems += [p for p in chosen[start:stop] for _ in range(cfg.group_size)]  # groups of one prompt
+        try:
+            roll, logits, ref_logits = _sample(tr, model, ids, mask, _shard_seed(cfg.seed, step, start))
+            rolls.append(roll)
+        except RuntimeError as err:  # sampling from NaN/Inf probabilities
+            if "probability tensor" not in str(err):
+                raise
+            failed = f"step {step}: rollout failed ({err})"
+        if rolls and not bool(torch.isfinite(rolls[-1].behavior_logp).all()):
+            failed = f"step {step}: the sampler's log-probs are not finite"
+    if tr.ddp.any(failed is not None):
+        return failed or f"step {step}: rollout failed on another process"
+    roll = concat_rollouts(rolls, cfg.max_new_tokens, tr.tokenizer.pad_token_id) if tr.fixed_width else rolls[0]
+    return Batch(roll, problems, logits, ref_logits)
+
+
+def _sample(tr: Trainer, model: torch.nn.Module, ids: Tensor, mask: Tensor,
+            seed: int) -> tuple[Rollout, Tensor | None, Tensor | None]:
+    """One shard's ``(rollout, logits, ref_logits)``: with the graph kept (:func:`sample_with_logits`), else by
+    ``generate`` or vLLM (no logits)."""
+    cfg = tr.cfg
+    kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed,
+          "group_size": cfg.group_size}
+    if tr.fuse_rollout:
+        return sample_with_logits(tr.policy, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype,
+                                  reference=lambda: reference(tr.policy, tr.ref), **kw)
+    if tr.engine is None:
+        return generate(model, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype, **kw), None, None
+    return tr.engine.generate(ids, mask, eos_token_id=tr.tokenizer.eos_token_id,
+                              pad_token_id=tr.tokenizer.pad_token_id, **kw), None, None
+
+
+def score(tr: Trainer, batch: Batch) -> tuple[Tensor, Tensor]:
+    """``(rewards, advantages)``, both ``(B,)``: the task's verifier, then the advantage within each group."""
+    roll = batch.roll
+    rewards = torch.tensor([tr.task.reward(text, p, bool(f)) for text, p, f in
+                            zip(roll.texts, batch.problems, roll.finished.tolist())], device=tr.device)
+    return rewards, compute_advantages(rewards, tr.cfg.group_size, tr.cfg.advantage)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward passes on rows of the batch
+# ------------------------------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
-def _reference(policy, ref):
+def reference(policy: torch.nn.Module, ref: torch.nn.Module | None):
     """The model to score π_ref with: the frozen copy, or the policy with LoRA adapters disabled."""
     if ref is not None:
         yield ref
@@ -224,77 +421,11 @@ def _reference(policy, ref):
             yield policy
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Run directory: checkpoints, metrics, summary
-# ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    status: str  # "done", "diverged", "skipped"
-    steps_completed: int
-    summary: dict[str, Any]
-
-
-def _save_checkpoint(run_dir: Path, step: int, policy, optimizer, snapshots: deque, identity: str,
-                     keep: int) -> None:
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"step": step, "digest": identity, "trainable": _trainable_state(policy),
-                "optimizer": optimizer.state_dict(), "snapshots": list(snapshots)}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    old = sorted(p for p in ckpt_root.glob("step_*") if p != final)
-    for p in old[: max(0, len(old) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    return ckpts[-1] if ckpts else None
-
-
-def _truncate_metrics(path: Path, keep_below_step: int) -> None:
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] < keep_below_step]
-    with atomic_write(path) as f:
-        f.write("".join(line + "\n" for line in kept))
-
-
-def _summarise(metrics: list[dict[str, Any]], status: str, extra: dict[str, Any]) -> dict[str, Any]:
-    rewards = [m["reward/mean"] for m in metrics]
-    summary: dict[str, Any] = {"status": status, "steps_completed": len(metrics), **extra}
-    if rewards:
-        window = max(1, len(rewards) // 10)
-        peak = max(sum(rewards[i: i + window]) / len(rewards[i: i + window]) for i in range(len(rewards)))
-        final = sum(rewards[-window:]) / window
-        summary.update({
-            "reward/final": final, "reward/peak": peak, "reward/initial": sum(rewards[:window]) / window,
-            # A collapse is recorded, not hidden: final reward below half its running peak.
-            "reward_collapse": bool(peak > 0 and final < 0.5 * peak),
-            "kl/final_k1": metrics[-1].get("kl/k1"), "kl/final_analytic": metrics[-1].get("kl/analytic"),
-            "policy/final_entropy": metrics[-1].get("policy/entropy"),
-        })
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Micro-batches: the forward passes, and statistics that add up over them
-# ------------------------------------------------------------------------------------------------------------
-
-_STATS_CHUNK = 2**22  # vocabulary entries per chunk of the logging statistics (16 MiB per float32 temporary)
-
-
-def _logits(model, roll: Rollout, rows: Tensor, cfg: RLConfig, autocast_dtype, group_size: int) -> Tensor:
-    """The tempered logits ``(m, R, V)`` of ``model`` on the rows ``rows`` of the batch."""
+def forward_logits(tr: Trainer, model: torch.nn.Module, roll: Rollout, rows: Tensor, group_size: int) -> Tensor:
+    """The tempered logits ``(m, R, V)`` of ``model`` on the rows ``rows`` of the batch (prompt groups of
+    ``group_size`` rows share their prompt's forward pass)."""
     return response_logits(model, roll.prompt_ids[rows], roll.prompt_mask[rows], roll.response_ids[rows],
-                           roll.response_mask[rows], cfg.temperature, autocast_dtype, group_size)
+                           roll.response_mask[rows], tr.cfg.temperature, tr.autocast_dtype, group_size)
 
 
 def _sampled(logits: Tensor, logprobs: Tensor | None, response_ids: Tensor) -> Tensor:
@@ -309,12 +440,11 @@ def _sampled(logits: Tensor, logprobs: Tensor | None, response_ids: Tensor) -> T
 
 
 @torch.no_grad()
-def _reference_logprobs(policy, ref, roll: Rollout, rows: Tensor, cfg: RLConfig, autocast_dtype, group_size: int,
-                        full: bool) -> tuple[Tensor, Tensor]:
+def reference_logprobs(tr: Trainer, roll: Rollout, rows: Tensor, group_size: int, full: bool) -> tuple[Tensor, Tensor]:
     """``(ref_logp (m, R), ref_logprobs (m, R, V))`` of the reference on the rows ``rows`` of the batch;
     ``ref_logp`` computed as the policy's is (``full``: from the full log-probs)."""
-    with _reference(policy, ref) as ref_model:
-        logits = _logits(ref_model, roll, rows, cfg, autocast_dtype, group_size)
+    with reference(tr.policy, tr.ref) as ref_model:
+        logits = forward_logits(tr, ref_model, roll, rows, group_size)
     return _reference_from_logits(logits, roll.response_ids[rows], full)
 
 
@@ -322,6 +452,13 @@ def _reference_from_logits(logits: Tensor, response_ids: Tensor, full: bool) -> 
     """``(ref_logp, ref_logprobs)`` from the reference's tempered logits ``(m, R, V)``."""
     logprobs = torch.log_softmax(logits, -1)
     return _sampled(logits, logprobs if full else None, response_ids), logprobs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The update: epochs × minibatches × micro-batches
+# ------------------------------------------------------------------------------------------------------------
+
+_STATS_CHUNK = 2**22  # vocabulary entries per chunk of the logging statistics (16 MiB per float32 temporary)
 
 
 class _BatchStats:
@@ -355,7 +492,7 @@ class _BatchStats:
             mf = m[c].to(logprobs.dtype)
             ones = torch.ones(mf.shape[0], dtype=mf.dtype, device=mf.device)
             sums = objectives.kl_metrics(lp[c], ref_lp[c], m[c], weights=ones, logprobs=logprobs,
-                                         ref_logprobs=flat[1][c])  # Σ over tokens of k_t
+                                         ref_logprobs=flat[1][c])  # Σ over tokens of k_t, every estimator
             sums["kl/forward_myopic"] = (analytic(flat[1][c], logprobs) * mf).sum()  # per-state KL(π_ref ‖ π)
             sums["policy/entropy"] = (-(logprobs.exp() * logprobs).sum(-1) * mf).sum()
             for key, value in sums.items():
@@ -369,286 +506,197 @@ class _BatchStats:
         return out
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Scores:
+    """The pre-update policy on the whole batch, filled pass by pass: ``(B, R)`` log-probs and the statistics."""
+
+    ref_logp: Tensor  # (B, R) log π_ref of the sampled tokens
+    cur_logp: Tensor  # (B, R) log π before this step's update
+    stats: _BatchStats
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + 17) % (2**31 - 1)
+@dataclass
+class Update:
+    """What a step's last optimizer update reports (or the one that diverged)."""
+
+    pg: Tensor  # 0-dim policy-gradient loss of the update batch
+    kl: Tensor  # 0-dim KL loss
+    loss: float  # pg + kl, averaged over ranks
+    grad_norm: float  # before clipping
+    clip: dict[str, float]  # ppo/clip_fraction [, kl/clip_fraction]: shares of the update batch's valid tokens
+    scores: Scores
+    diverged: str | None  # why the run must stop, or None
 
 
-def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None) -> RunResult:
-    """Run (or resume, or skip if already done) the configured training; returns where and how it ended.
+def update(tr: Trainer, batch: Batch, advantages: Tensor, step: int) -> Update:
+    """One step's optimisation: ``ppo_epochs`` × ``ppo_minibatches`` updates (one for REINFORCE), each accumulated
+    over micro-batches. Minibatches of a PPO batch are shuffled rows (scored first in a pass of their own);
+    otherwise passes take whole prompt groups in order and the first one also scores the pre-update policy."""
+    cfg, n = tr.cfg, batch.roll.response_ids.shape[0]
+    scores = Scores(torch.zeros_like(batch.roll.behavior_logp), torch.zeros_like(batch.roll.behavior_logp), _BatchStats())
+    if cfg.ppo_minibatches > 1:
+        _score_batch(tr, batch, scores)
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.arange(n)
+        if cfg.ppo_minibatches > 1:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step) + epoch))
+        first_pass = epoch == 0 and cfg.ppo_minibatches == 1  # the batch in order, before any update
+        for idx in order.view(cfg.ppo_minibatches, -1).to(tr.device):
+            tr.optimizer.zero_grad(set_to_none=True)
+            pg = kl = torch.zeros((), device=tr.device)
+            clipped: dict[str, float] = {}  # clipped tokens, by metric
+            tokens = 0
+            for rows in idx.split(cfg.micro_batch_size or len(idx)):
+                share = len(rows) / len(idx)  # the minibatch's mean loss = Σ over passes of (the pass's mean) × m/N
+                pg_m, kl_m, fractions = micro_pass(tr, batch, advantages, rows, share, scores, first_pass)
+                pg, kl = pg + pg_m * share, kl + kl_m * share
+                n_tokens = int(batch.roll.response_mask[rows].sum())
+                for key, fraction in fractions.items():
+                    clipped[key] = clipped.get(key, 0.0) + fraction * n_tokens
+                tokens += n_tokens
+            loss, grad_norm, diverged = optimizer_step(tr, pg + kl, step)
+            result = Update(pg, kl, loss, grad_norm, {k: c / max(1, tokens) for k, c in clipped.items()}, scores,
+                            diverged)
+            if diverged is not None:
+                return result
+    return result
 
-    ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
-    Under a multi-process launch (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
+
+def _score_batch(tr: Trainer, batch: Batch, scores: Scores) -> None:
+    """The reference's and the pre-update policy's log-probs and statistics on the whole batch, without grad."""
+    cfg, roll = tr.cfg, batch.roll
+    full = get_estimator(cfg.kl.estimator).full_distribution
+    for rows in torch.arange(roll.response_ids.shape[0], device=tr.device).split(
+            cfg.micro_batch_size or roll.response_ids.shape[0] // cfg.ppo_minibatches):
+        scores.ref_logp[rows], ref_logprobs = reference_logprobs(tr, roll, rows, cfg.group_size, full)
+        with torch.no_grad():
+            logits = forward_logits(tr, tr.policy, roll, rows, cfg.group_size)  # (m, R, V)
+            logprobs = torch.log_softmax(logits, -1) if full else None
+            scores.cur_logp[rows] = _sampled(logits, logprobs, roll.response_ids[rows])
+        scores.stats.add(logits, scores.cur_logp[rows], scores.ref_logp[rows], ref_logprobs, roll.response_mask[rows])
+        del logits, logprobs, ref_logprobs
+
+
+def micro_pass(tr: Trainer, batch: Batch, advantages: Tensor, rows: Tensor, share: float, scores: Scores,
+               first_pass: bool) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Forward and backward (of the loss × ``share``) of the rows ``rows``; ``(pg, kl, clip fractions)``, detached.
+
+    On the first pass over the batch it also records the reference's and the policy's log-probs and adds the
+    pass to the logged statistics, freeing the reference's ``(m, R, V)`` log-probs before the backward pass.
     """
-    # ---- INPUTS: everything that can be wrong fails here, before any compute
-    _check_model(cfg)
-    task = get_task(cfg.task)
-    problems = task.load_split("rl_train", cfg.data_dir or None)
-    if len(problems) < cfg.prompts_per_step:
-        raise ValueError(f"task {cfg.task!r} has {len(problems)} rl_train problems, fewer than "
-                         f"prompts_per_step={cfg.prompts_per_step}")
-    ddp = distributed.init()
-    shards = distributed.split(cfg.prompts_per_step, ddp, cfg.rollout_shards)  # this rank's prompt ranges
-    local = sum(stop - start for start, stop in shards) * cfg.group_size  # this rank's sequences per step
-    if local % cfg.ppo_minibatches or (cfg.micro_batch_size and (local // cfg.ppo_minibatches) % cfg.micro_batch_size):
-        raise ValueError(f"with {ddp.world_size} processes each holds {local} sequences per step, which "
-                         f"ppo_minibatches={cfg.ppo_minibatches} and micro_batch_size={cfg.micro_batch_size} "
-                         "(per process) must divide into whole updates and passes; lower them or use fewer processes")
-    run_dir = Path(cfg.runs_dir) / cfg.run_name()
-    identity = run_identity(cfg, problems)
-    if (run_dir / "DONE").exists():
-        previous = json.loads((run_dir / "config.json").read_text())
-        if previous.get("digest") == identity:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
-    if ddp.is_main:
-        if (run_dir / "config.json").exists():  # same name, changed config or data: start over
-            previous = json.loads((run_dir / "config.json").read_text())
-            if previous.get("digest") != identity:
-                shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
-                                             "world_size": ddp.world_size, "environment": environment_info()})
-    ddp.barrier()
+    cfg, roll = tr.cfg, batch.roll
+    full = get_estimator(cfg.kl.estimator).full_distribution  # the loss needs full log-probs
+    shared = cfg.group_size if cfg.ppo_minibatches == 1 else 1  # rows in order: prompt groups share a forward
+    ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
+    if first_pass or full:
+        if batch.ref_logits is not None:  # scored alongside the sampling (one pass)
+            rows_ref_logp, ref_logprobs = _reference_from_logits(batch.ref_logits, roll.response_ids[rows], full)
+            batch.ref_logits = None
+        else:
+            rows_ref_logp, ref_logprobs = reference_logprobs(tr, roll, rows, shared, full)
+        if first_pass:
+            scores.ref_logp[rows] = rows_ref_logp
+    mask = roll.response_mask[rows]
+    if batch.logits is not None:  # the sampling forward of this very batch and policy
+        logits, batch.logits = batch.logits, None
+    else:
+        logits = forward_logits(tr, tr.policy, roll, rows, shared)  # (m, R, V), differentiable
+    logprobs = torch.log_softmax(logits, -1) if full else None  # only the analytic loss needs them
+    logp = _sampled(logits, logprobs, roll.response_ids[rows])  # (m, R)
+    off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
+    behavior_logp = roll.behavior_logp[rows] if off_policy else None
+    pg, fractions = policy_loss(cfg.policy_loss, logp, advantages[rows], mask, behavior_logp, cfg.clip_eps,
+                                cfg.aggregation)
+    kl, kl_clip = kl_loss(cfg.kl, logp, scores.ref_logp[rows], mask, behavior_logp=behavior_logp, logprobs=logprobs,
+                          ref_logprobs=ref_logprobs if full else None, aggregation=cfg.aggregation)
+    if kl_clip is not None:
+        fractions["kl/clip_fraction"] = float(kl_clip)
+    if first_pass:  # log the pre-update policy, freeing the reference before the backward
+        scores.cur_logp[rows] = logp.detach()
+        scores.stats.add(logits, scores.cur_logp[rows], scores.ref_logp[rows], ref_logprobs, mask)
+    del logits, logprobs, ref_logprobs
+    ((pg + kl) * share).backward()
+    return pg.detach(), kl.detach(), fractions
 
-    device, autocast_dtype = resolve_device(cfg, ddp.local_rank)
-    tokenizer, policy, ref, sampler = _build_models(cfg, device)
-    engine = None  # the vLLM engine when rollout_backend = "vllm"
-    if cfg.rollout_backend == "vllm":
-        from kl_lib.rl.vllm_backend import VLLMSampler
 
-        engine = VLLMSampler(_model_source(cfg.model), tokenizer, seed=cfg.seed,
-                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    snapshots: deque = deque(maxlen=cfg.async_lag + 1)  # trainable weights of the last lag + 1 policies
-    fixed_width = len(shards) > 1 or ddp.enabled  # pad responses to max_new_tokens so shards line up
-    # Train on the sampling forward itself: only for one on-policy REINFORCE pass over the whole batch.
-    fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
-                    and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
-                    and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
+def optimizer_step(tr: Trainer, loss: Tensor, step: int) -> tuple[float, float, str | None]:
+    """Average the accumulated gradient over ranks, clip it and step AdamW, unless the loss or the gradient is
+    not finite (or |loss| > ``divergence_loss``): ``(loss, gradient norm, why the run diverged or None)``."""
+    cfg = tr.cfg
+    tr.ddp.average_gradients(tr.trainable)  # mean over ranks = the gradient of the global batch
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        tr.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+    loss_value = float(tr.ddp.mean(loss.reshape(1)))
+    if not math.isfinite(loss_value) or not math.isfinite(grad_norm) or abs(loss_value) > cfg.divergence_loss:
+        return loss_value, grad_norm, f"step {step}: loss={loss_value:.4g}, grad_norm={grad_norm:.4g}"
+    tr.optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in tr.trainable):
+        return loss_value, grad_norm, f"step {step}: non-finite weights after the update"
+    return loss_value, grad_norm, None
 
-    start_step = 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        if state["digest"] == identity:
-            _load_trainable(policy, state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            snapshots.extend(state["snapshots"])
-            start_step = state["step"]
-    metrics_path = run_dir / "metrics.jsonl"
-    if ddp.is_main:
-        _truncate_metrics(metrics_path, start_step)
-    ddp.barrier()
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
 
-    status, reason = "done", None
-    steps_this_call = 0
-    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", disable=not progress or not ddp.is_main,
-               initial=start_step, total=cfg.steps, mininterval=2, file=sys.stderr)
-    with (open(metrics_path, "a") if ddp.is_main else contextlib.nullcontext()) as metrics_file:
-        for step in bar:
-            t0 = time.perf_counter()
-            # ---- ROLLOUT: sample from the current policy, or from the one of `async_lag` steps ago
-            if cfg.async_lag:
-                snapshots.append(_trainable_state(policy))
-                _load_trainable(sampler, snapshots[0])  # lag steps old (or the oldest available early on)
-            sampler_model = sampler if cfg.async_lag else policy
-            rng = random.Random(_step_seed(cfg.seed, step))
-            chosen = rng.sample(problems, cfg.prompts_per_step)  # the same on every rank
-            all_ids, all_mask = encode_prompts(tokenizer, [p.prompt for p in chosen], device)
-            if engine is not None:
-                engine.sync_weights(sampler_model)  # vLLM samples from exactly these weights
-            batch, rolls, failed = [], [], None
-            sampled_logits = None  # (B, R, V) with the policy's graph, when the sampling forward is the training one
-            sampled_ref_logits = None  # (B, R, V) the reference's, scored in the same loop
-            for start, stop in shards:  # this rank's rollout shards, each with its own seed
-                ids, mask = (t[start:stop].repeat_interleave(cfg.group_size, 0) for t in (all_ids, all_mask))
-                batch += [p for p in chosen[start:stop] for _ in range(cfg.group_size)]  # groups of one prompt
-                seed = _shard_seed(cfg.seed, step, start)
-                try:
-                    if fuse_rollout:
-                        roll_, sampled_logits, sampled_ref_logits = sample_with_logits(
-                            policy, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, seed=seed, autocast_dtype=autocast_dtype,
-                            group_size=cfg.group_size, reference=lambda: _reference(policy, ref))
-                        rolls.append(roll_)
-                    elif engine is None:
-                        rolls.append(generate(sampler_model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                              temperature=cfg.temperature, seed=seed, autocast_dtype=autocast_dtype,
-                                              group_size=cfg.group_size))
-                    else:
-                        rolls.append(engine.generate(ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                                     temperature=cfg.temperature, seed=seed,
-                                                     eos_token_id=tokenizer.eos_token_id,
-                                                     pad_token_id=tokenizer.pad_token_id, group_size=cfg.group_size))
-                except RuntimeError as err:  # sampling from NaN/Inf probabilities: the weights have blown up
-                    if "probability tensor" not in str(err):
-                        raise
-                    failed = f"step {step}: rollout failed ({err})"
-                if rolls and not bool(torch.isfinite(rolls[-1].behavior_logp).all()):
-                    failed = f"step {step}: the sampler's log-probs are not finite"
-            if ddp.any(failed is not None):
-                status, reason = "diverged", failed or f"step {step}: rollout failed on another process"
-                break
-            roll: Rollout = (concat_rollouts(rolls, cfg.max_new_tokens, tokenizer.pad_token_id) if fixed_width
-                             else rolls[0])
-            t_gen = time.perf_counter() - t0
+# ------------------------------------------------------------------------------------------------------------
+# Logging and the end of a run
+# ------------------------------------------------------------------------------------------------------------
 
-            # ---- REWARD AND ADVANTAGE
-            rewards = torch.tensor([task.reward(text, p, bool(f)) for text, p, f in
-                                    zip(roll.texts, batch, roll.finished.tolist())], device=device)
-            advantages = compute_advantages(rewards, cfg.group_size, cfg.advantage)
-            off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
-            behavior_logp = roll.behavior_logp if off_policy else None
 
-            # ---- LOSS AND UPDATE (one step for REINFORCE; epochs × minibatches for PPO), in micro-batches
-            t1 = time.perf_counter()
-            n = roll.response_ids.shape[0]
-            update_size = n // cfg.ppo_minibatches  # sequences per optimizer step
-            micro = cfg.micro_batch_size or update_size  # sequences per forward/backward pass
-            full = get_estimator(cfg.kl.estimator).full_distribution  # the loss needs full log-probs
-            # Minibatches of a PPO batch are shuffled rows; otherwise passes take whole prompt groups in order and
-            # share each prompt's forward pass across its group.
-            shared = cfg.group_size if cfg.ppo_minibatches == 1 else 1
-            ref_logp = torch.zeros_like(roll.behavior_logp)  # (B, R), filled by the first pass over the batch
-            cur_logp = torch.zeros_like(roll.behavior_logp)  # (B, R) log π before this step's update, for logging
-            stats = _BatchStats()  # the same policy on the whole batch: KL estimates, entropy
-            if cfg.ppo_minibatches > 1:  # shuffled minibatches: a pass of its own for the reference and the logs
-                for rows in torch.arange(n, device=device).split(micro):
-                    ref_logp[rows], ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg, autocast_dtype,
-                                                                       cfg.group_size, full)
-                    with torch.no_grad():
-                        logits = _logits(policy, roll, rows, cfg, autocast_dtype, cfg.group_size)  # (m, R, V)
-                        logprobs = torch.log_softmax(logits, -1) if full else None
-                        cur_logp[rows] = _sampled(logits, logprobs, roll.response_ids[rows])
-                    stats.add(logits, cur_logp[rows], ref_logp[rows], ref_logprobs, roll.response_mask[rows])
-                    del logits, logprobs, ref_logprobs
-            for epoch in range(cfg.ppo_epochs):
-                order = torch.arange(n)
-                if cfg.ppo_minibatches > 1:
-                    order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step) + epoch))
-                first_pass = epoch == 0 and cfg.ppo_minibatches == 1  # the batch in order, before any update
-                for idx in order.view(cfg.ppo_minibatches, -1).to(device):
-                    optimizer.zero_grad(set_to_none=True)
-                    pg = kl_loss = torch.zeros((), device=device)
-                    clipped_tokens, tokens = 0.0, 0
-                    for rows in idx.split(micro):
-                        ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
-                        if first_pass or full:
-                            if sampled_ref_logits is not None:  # scored alongside the sampling (one pass)
-                                rows_ref_logp, ref_logprobs = _reference_from_logits(
-                                    sampled_ref_logits, roll.response_ids[rows], full)
-                                sampled_ref_logits = None
-                            else:
-                                rows_ref_logp, ref_logprobs = _reference_logprobs(policy, ref, roll, rows, cfg,
-                                                                                  autocast_dtype, shared, full)
-                            if first_pass:
-                                ref_logp[rows] = rows_ref_logp
-                        mask = roll.response_mask[rows]
-                        if sampled_logits is not None:  # the sampling forward of this very batch and policy
-                            logits, sampled_logits = sampled_logits, None
-                        else:
-                            logits = _logits(policy, roll, rows, cfg, autocast_dtype, shared)  # (m, R, V), differentiable
-                        logprobs = torch.log_softmax(logits, -1) if full else None  # only the analytic loss needs them
-                        logp = _sampled(logits, logprobs, roll.response_ids[rows])  # (m, R)
-                        beh = None if behavior_logp is None else behavior_logp[rows]
-                        pg_m, pg_metrics = policy_loss(cfg.policy_loss, logp, advantages[rows], mask, beh,
-                                                       cfg.clip_eps, cfg.aggregation)
-                        kl_m, _ = objectives.kl_term(cfg.kl, logp, ref_logp[rows], mask, behavior_logp=beh,
-                                                     logprobs=logprobs, ref_logprobs=ref_logprobs if full else None,
-                                                     aggregation=cfg.aggregation)
-                        # ALGO LOGIC: the minibatch's mean loss = Σ over passes of (the pass's mean) × m/N
-                        share = len(rows) / len(idx)
-                        if first_pass:  # log the pre-update policy, freeing the reference before the backward
-                            cur_logp[rows] = logp.detach()
-                            stats.add(logits, cur_logp[rows], ref_logp[rows], ref_logprobs, mask)
-                        del logits, logprobs, ref_logprobs
-                        ((pg_m + kl_m) * share).backward()
-                        pg, kl_loss = pg + pg_m.detach() * share, kl_loss + kl_m.detach() * share
-                        n_tokens = int(mask.sum())
-                        clipped_tokens += pg_metrics["ppo/clip_fraction"] * n_tokens
-                        tokens += n_tokens
-                        del logp, pg_m, kl_m
-                    pg_metrics = {"ppo/clip_fraction": clipped_tokens / max(1, tokens)}
-                    loss = pg + kl_loss
-                    ddp.average_gradients(trainable)  # mean over ranks = the gradient of the global batch
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                    loss_value = float(ddp.mean(loss.reshape(1)))
-                    if not math.isfinite(loss_value) or not math.isfinite(grad_norm) \
-                            or abs(loss_value) > cfg.divergence_loss:
-                        status = "diverged"
-                        reason = f"step {step}: loss={loss_value:.4g}, grad_norm={grad_norm:.4g}"
-                        break
-                    optimizer.step()
-                    if not all(bool(torch.isfinite(p).all()) for p in trainable):
-                        status, reason = "diverged", f"step {step}: non-finite weights after the update"
-                        break
-                if status == "diverged":
-                    break
-            t_train = time.perf_counter() - t1
+@torch.no_grad()
+def log_step(tr: Trainer, step: int, batch: Batch, rewards: Tensor, upd: Update, t_generate: float, t_train: float,
+             t0: float) -> dict[str, Any]:
+    """The step's line of ``metrics.jsonl``: the policy that was updated this step, on the whole batch (tensor
+    metrics averaged over ranks), the last update's losses, gradient norm and clip fractions, and timings."""
+    roll, mf = batch.roll, batch.roll.response_mask.float()
+    local = {
+        "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+        "reward/finished_fraction": roll.finished.float().mean(),
+        **upd.scores.stats.values(),  # kl/k1 … kl/analytic, kl/forward_myopic, policy/entropy
+        "loss/pg": upd.pg, "loss/kl": upd.kl,
+        "response/length": mf.sum(-1).mean(),
+        **({"offpolicy/log_ratio_mean": ((upd.scores.cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1)}
+           if tr.cfg.async_lag else {}),
+    }
+    averaged = tr.ddp.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=tr.device).reshape(())
+                                        for v in local.values()])).tolist()
+    return {"step": step, **dict(zip(local, averaged)), "loss/total": upd.loss, "grad/norm": upd.grad_norm,
+            **upd.clip, "time/generate_s": t_generate, "time/train_s": t_train,
+            "time/step_s": time.perf_counter() - t0}
 
-            # ---- LOGGING: the policy that was updated this step, on the whole batch (averaged over ranks)
-            with torch.no_grad():
-                mf = roll.response_mask.float()
-                local = {
-                    "reward/mean": rewards.mean(), "reward/std": rewards.std(),
-                    "reward/finished_fraction": roll.finished.float().mean(),
-                    **stats.values(),  # kl/k1 … kl/analytic, kl/forward_myopic, policy/entropy
-                    "loss/pg": pg, "loss/kl": kl_loss,
-                    "response/length": mf.sum(-1).mean(),
-                    **({"offpolicy/log_ratio_mean": ((cur_logp - roll.behavior_logp) * mf).sum() / mf.sum().clamp_min(1)}
-                       if cfg.async_lag else {}),
-                }
-                averaged = ddp.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
-                                                 for v in local.values()])).tolist()
-                step_metrics = {"step": step, **dict(zip(local, averaged)),
-                                "loss/total": loss_value, "grad/norm": grad_norm, **pg_metrics,
-                                "time/generate_s": t_gen, "time/train_s": t_train,
-                                "time/step_s": time.perf_counter() - t0}
-            if ddp.is_main:
-                metrics_file.write(json.dumps(step_metrics) + "\n")
-                metrics_file.flush()
-            history.append(step_metrics)
-            bar.set_postfix(reward=f"{step_metrics['reward/mean']:.2f}", kl=f"{step_metrics['kl/k1']:.3f}")
-            if status == "diverged":
-                break
-            steps_this_call += 1
-            done_steps = step + 1
-            if ddp.is_main and (done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps):
-                _save_checkpoint(run_dir, done_steps, policy, optimizer, snapshots, identity, cfg.keep_checkpoints)
-            if stop_after is not None and steps_this_call >= stop_after and done_steps < cfg.steps:
-                bar.close()
-                ddp.barrier()
-                return RunResult(run_dir, "interrupted", done_steps, {})
-    bar.close()
 
-    final_dir = run_dir / "final"
-    summary = _summarise(history, status, {"diverged_reason": reason, "run_name": cfg.run_name(),
-                                           "digest": identity, "final_model": str(final_dir) if status == "done" else None})
-    if ddp.is_main:
+def _summarise(metrics: list[dict[str, Any]], status: str, extra: dict[str, Any]) -> dict[str, Any]:
+    rewards = [m["reward/mean"] for m in metrics]
+    summary: dict[str, Any] = {"status": status, "steps_completed": len(metrics), **extra}
+    if rewards:
+        window = max(1, len(rewards) // 10)
+        peak = max(sum(rewards[i: i + window]) / len(rewards[i: i + window]) for i in range(len(rewards)))
+        final = sum(rewards[-window:]) / window
+        summary.update({
+            "reward/final": final, "reward/peak": peak, "reward/initial": sum(rewards[:window]) / window,
+            # A collapse is recorded, not hidden: final reward below half its running peak.
+            "reward_collapse": bool(peak > 0 and final < 0.5 * peak),
+            "kl/final_k1": metrics[-1].get("kl/k1"), "kl/final_analytic": metrics[-1].get("kl/analytic"),
+            "policy/final_entropy": metrics[-1].get("policy/entropy"),
+        })
+    return summary
+
+
+def finish(tr: Trainer, history: list[dict[str, Any]], status: str, reason: str | None) -> RunResult:
+    """Write ``final/`` (a finished run's model and tokenizer), ``summary.json`` and ``DONE`` (rank 0)."""
+    final_dir = tr.run_dir / "final"
+    summary = _summarise(history, status, {"diverged_reason": reason, "run_name": tr.cfg.run_name(),
+                                           "digest": tr.identity,
+                                           "final_model": str(final_dir) if status == "done" else None})
+    if tr.ddp.is_main:
         if status == "done":
-            tmp = run_dir / ".final.tmp"
+            tmp = tr.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            tr.policy.save_pretrained(tmp)
+            tr.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
-        write_json(run_dir / "summary.json", summary)
-        (run_dir / "DONE").write_text(status + "\n")
-    ddp.barrier()
-    return RunResult(run_dir, status, len(history), summary)
-
-
-def _shard_seed(seed: int, step: int, start: int) -> int:
-    """Sampling seed of the rollout shard that begins at prompt ``start`` (shard 0 uses the step's seed)."""
-    return (_step_seed(seed, step) + 1_000_033 * start) % (2**31 - 1)
+        write_json(tr.run_dir / "summary.json", summary)
+        (tr.run_dir / "DONE").write_text(status + "\n")
+    tr.ddp.barrier()
+    return RunResult(tr.run_dir, status, len(history), summary)
 
 
 def main(argv: list[str] | None = None) -> int:

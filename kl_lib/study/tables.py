@@ -24,13 +24,11 @@ delivered nothing usable, as a collapsed run in the paper reports Pass@1 ≈ 0) 
 ``results.scored_as_zero``; the accuracy columns of ``results`` stay NaN so that the table does not pretend it
 was evaluated. A finished run without ``eval.json`` is left out of the scores (``evaluated = False``).
 
-:func:`ensure_smoke_sweep` builds the smoke sweep exactly as ``make base-model sweep SMOKE=1`` does, so that the
-notebooks run on a fresh clone in smoke mode; every step reuses outputs that are already there.
+The smoke sweep that notebooks 04–05 read in smoke mode is built by ``kl_lib.rl.sweep.ensure_smoke_sweep``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +38,15 @@ import pandas as pd
 
 from kl_lib.study.runs import load_runs, run_label
 
-__all__ = ["SPLITS", "RunTables", "setting_name", "results_table", "load_scores", "checkpoint_table",
-           "load_tables", "ensure_smoke_sweep"]
+__all__ = [
+    "SPLITS",
+    "RunTables",
+    "checkpoint_table",
+    "load_scores",
+    "load_tables",
+    "results_table",
+    "setting_name",
+]
 
 SPLITS = ("id_test", "ood_test")
 """The evaluation splits: in-domain (the RL task, held out) and out-of-domain."""
@@ -171,52 +176,3 @@ def load_tables(runs_dir: str | Path) -> RunTables:
     scores, base = load_scores(runs_dir, results)
     return RunTables(results=results, metrics=metrics, scores=scores, base_scores=base,
                      checkpoints=checkpoint_table(runs_dir, results), runs_dir=str(runs_dir))
-
-
-def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path = "configs/sweep.yaml",
-                       model_dir: str | Path = "data/models/tiny-base-smoke", data_dir: str | Path = "data/arithmetic",
-                       jobs: int = 2) -> Path:
-    """Build what ``make base-model sweep SMOKE=1`` builds (task data, the 200-step SFT model, the smoke
-    sweep with its evaluations and ``base_eval.json``), reusing everything already there; returns ``runs_dir``.
-
-    Only runs that are not finished (or finished but not evaluated) are handed to the sweep runner, so a
-    complete smoke sweep costs a directory listing.
-    """
-    import yaml
-
-    from kl_lib.lm.evaluate import evaluate_path
-    from kl_lib.rl.sweep import eval_settings, expand_sweep, run_sweep
-    from kl_lib.files import write_json
-    from kl_lib.lm.sft import SMOKE, train_base_model
-    from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS, write_splits
-
-    runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)
-    spec = yaml.safe_load(Path(sweep).read_text())
-    overrides = [f"runs_dir={runs_dir}", f"model={model_dir}", f"data_dir={data_dir}"]
-    configs = expand_sweep(spec, smoke=True, overrides=overrides)
-    settings = eval_settings(spec, smoke=True)
-
-    def complete(cfg) -> bool:
-        d = runs_dir / cfg.run_name()
-        if not (d / "DONE").exists():
-            return False
-        status = (d / "DONE").read_text().strip()
-        return status == "diverged" or "final" in (_read_json(d / "eval.json") or {})
-
-    todo = [c for c in configs if not complete(c)]
-    if not todo and (runs_dir / "base_eval.json").exists():
-        return runs_dir
-    if not all((data_dir / f"{s}.jsonl").exists() for s in DATA_SPLITS):
-        write_splits(data_dir)  # `make data`
-    train_base_model(model_dir, dataclasses.replace(SMOKE, data_dir=str(data_dir)))  # reused if current
-    evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
-    # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
-    results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
-    failed = [r for r in results if r["status"] == "failed"]
-    if failed:
-        raise RuntimeError(f"smoke sweep: {len(failed)} run(s) failed, first: {failed[0]['name']}: {failed[0]['error']}")
-    done = {r["name"] for r in results}
-    records = results + [{"name": c.run_name(), "status": "skipped"} for c in configs if c.run_name() not in done]
-    write_json(runs_dir / "sweep.json", {"sweep": str(sweep), "smoke": True,
-                                         "runs": sorted(records, key=lambda r: r["name"])})
-    return runs_dir

@@ -1,0 +1,146 @@
+"""The trainer's objective, piece by piece: advantages, policy-gradient losses and the KL term's loss.
+
+Rewards ``(B,)`` come as consecutive groups of G samples of one prompt. Advantages, within each group:
+
+    rloo     A_i = R_i − mean_{j≠i} R_j = (R_i − mean) · G / (G − 1)     (leave-one-out, the paper's)
+    grpo     A_i = (R_i − mean) / (std + 1e-6)                          (std with Bessel's correction)
+    drgrpo   A_i = R_i − mean                                           (Dr. GRPO: no std)
+
+Policy-gradient losses (minimised), per token ``(B, T)`` before masking and aggregation:
+
+    reinforce   −A_i log π(y_t)                                         (exactly on-policy)
+    ppo         −min(r_t A_i, clip(r_t, 1 − ε, 1 + ε) A_i),  r_t = π(y_t) / μ(y_t)
+
+aggregated by :func:`policy_loss` as the mean over sequences of Σ_t m_t (·) (``aggregation="sum"``) or of the
+per-sequence token mean (``"token_mean"``). :func:`kl_loss` is ``kl_lib.objectives.kl_term``'s loss without
+its metrics: the trainer logs every estimator once per batch itself, so the pass computes no KL twice.
+
+Each advantage and policy loss is a small pure function in a registry (:func:`get_advantage`,
+:func:`get_policy_loss`); unknown names raise ``ValueError`` listing the valid ones. The registries' names are
+``kl_lib.rl.config.ADVANTAGES`` and ``POLICY_LOSSES``, which validate a config before any compute.
+
+Departure from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from kl_lib import objectives
+from kl_lib.config import KLConfig
+
+__all__ = ["ADVANTAGE_FUNCTIONS", "POLICY_LOSS_FUNCTIONS", "compute_advantages", "get_advantage",
+           "get_policy_loss", "kl_loss", "policy_loss"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Advantages: (P, G) rewards of P prompts' groups -> (P, G) advantages
+# ------------------------------------------------------------------------------------------------------------
+
+
+def rloo(r: Tensor) -> Tensor:
+    """R_i minus the mean of the group's other rewards, ``(P, G)``."""
+    group_size = r.shape[-1]
+    return (r - r.mean(-1, keepdim=True)) * group_size / (group_size - 1)
+
+
+def grpo(r: Tensor) -> Tensor:
+    """(R_i − mean) / (std + 1e-6) within the group, ``(P, G)``."""
+    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-6)
+
+
+def drgrpo(r: Tensor) -> Tensor:
+    """R_i − mean within the group, ``(P, G)``."""
+    return r - r.mean(-1, keepdim=True)
+
+
+ADVANTAGE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"rloo": rloo, "grpo": grpo, "drgrpo": drgrpo}
+
+
+def get_advantage(name: str) -> Callable[[Tensor], Tensor]:
+    """The advantage function called ``name``; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return ADVANTAGE_FUNCTIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown advantage {name!r}; valid advantages are "
+                         f"{', '.join(map(repr, ADVANTAGE_FUNCTIONS))}") from None
+
+
+def compute_advantages(rewards: Tensor, group_size: int, kind: str) -> Tensor:
+    """Per-sequence advantages ``(B,)`` from rewards ``(B,)`` laid out as consecutive groups of ``group_size``."""
+    return get_advantage(kind)(rewards.view(-1, group_size)).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Policy-gradient losses: per-token loss (B, T) and, for PPO, which tokens the clip took (B, T)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def reinforce(logp: Tensor, advantages: Tensor, behavior_logp: Tensor | None,
+              clip_eps: float) -> tuple[Tensor, Tensor | None]:
+    """``(−A_i log π(y_t), None)``: ``logp`` ``(B, T)``, ``advantages`` ``(B,)``; nothing is clipped."""
+    return -advantages[:, None] * logp, None
+
+
+def ppo(logp: Tensor, advantages: Tensor, behavior_logp: Tensor | None,
+        clip_eps: float) -> tuple[Tensor, Tensor | None]:
+    """``(−min(r A, clip(r, 1 ± ε) A), clipped)``, both ``(B, T)``, with r = exp(logp − behavior_logp)."""
+    if behavior_logp is None:
+        raise ValueError("PPO needs the behaviour log-probs")
+    ratio = torch.exp(logp - behavior_logp)
+    unclipped = ratio * advantages[:, None]
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages[:, None]
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+POLICY_LOSS_FUNCTIONS = {"reinforce": reinforce, "ppo": ppo}
+
+
+def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """The per-token policy loss called ``name``; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return POLICY_LOSS_FUNCTIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown policy loss {name!r}; valid policy losses are "
+                         f"{', '.join(map(repr, POLICY_LOSS_FUNCTIONS))}") from None
+
+
+def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behavior_logp: Tensor | None,
+                clip_eps: float, aggregation: str) -> tuple[Tensor, dict[str, float]]:
+    """The policy-gradient term (minimised), mean over sequences, and ``ppo/clip_fraction`` (0 for REINFORCE).
+
+    ``logp``, ``mask`` and ``behavior_logp`` are ``(B, T)``, ``advantages`` ``(B,)``; the clip fraction is over
+    the valid tokens.
+    """
+    m = mask.to(logp.dtype)
+    per_token, clipped = get_policy_loss(kind)(logp, advantages, behavior_logp, clip_eps)
+    clip_fraction = 0.0 if clipped is None else float((clipped.to(m.dtype) * m).sum() / m.sum().clamp_min(1))
+    per_seq = (per_token * m).sum(-1)
+    if aggregation == "token_mean":
+        per_seq = per_seq / m.sum(-1).clamp_min(1)
+    return per_seq.mean(), {"ppo/clip_fraction": clip_fraction}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The KL term's loss
+# ------------------------------------------------------------------------------------------------------------
+
+
+def kl_loss(config: KLConfig, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, behavior_logp: Tensor | None,
+            logprobs: Tensor | None, ref_logprobs: Tensor | None, aggregation: str) -> tuple[Tensor, Tensor | None]:
+    """``(loss, clip_fraction)``: ``objectives.kl_term``'s loss (the same pieces, in the same order, hence the same
+    numbers, tested), without the per-estimator metrics it also computes.
+
+    ``logp``, ``ref_logp``, ``mask`` (bool) and ``behavior_logp`` are ``(B, T)``; ``logprobs`` and
+    ``ref_logprobs`` ``(B, T, V)`` (analytic estimator only, else None). ``clip_fraction`` is the 0-dim share of
+    valid tokens whose log-ratio ``config.log_ratio_clamp`` clipped, None without a clamp.
+    """
+    k, clip_fraction = objectives.estimate(config, logp, ref_logp, mask, logprobs, ref_logprobs)
+    per_seq = objectives.per_sequence_loss(config, logp, ref_logp, mask, behavior_logp=behavior_logp, k=k)  # (B,)
+    if aggregation == "token_mean":
+        per_seq = per_seq / mask.sum(-1).clamp_min(1).to(per_seq.dtype)
+    weights = torch.full((logp.shape[0],), 1.0 / logp.shape[0], dtype=logp.dtype, device=logp.device)
+    return (weights * per_seq).sum(), clip_fraction

@@ -312,6 +312,7 @@ def kl_term(
     ref_logprobs: Tensor | None = None,
     weights: Tensor | None = None,
     aggregation: Literal["sum", "token_mean"] = "sum",
+    estimator_metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The configuration's KL loss term for a batch, and its metrics.
 
@@ -324,6 +325,8 @@ def kl_term(
         logprobs, ref_logprobs: ``(B, T, V)`` full log-probabilities (``analytic`` estimator and metric only).
         weights: ``(B,)`` sample weights, default 1/B (Monte Carlo mean); exact analysis passes μ(y).
         aggregation: ``"sum"`` over tokens (docs/contract.md §3, default) or ``"token_mean"`` per sequence.
+        estimator_metrics: also compute every estimator's value (``kl/k1`` …); a caller that logs them from
+            elsewhere (the RL trainer, once per batch) passes False and gets only ``kl/term`` and the clip fraction.
 
     Returns:
         ``(loss, metrics)``: loss is a 0-dim tensor to add to the minimised objective (0 for an all-padding
@@ -340,7 +343,7 @@ def kl_term(
     if aggregation == "token_mean":
         per_seq = per_seq / x.mask.sum(-1).clamp_min(1).to(per_seq.dtype)
     loss = (w * per_seq).sum()
-    metrics = _metrics(x, w)
+    metrics = _metrics(x, w) if estimator_metrics else {}
     metrics["kl/term"] = loss.detach()
     if clip_fraction is not None:
         metrics["kl/clip_fraction"] = clip_fraction.detach()

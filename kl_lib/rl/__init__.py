@@ -4,7 +4,8 @@
 * ``losses``         advantages and policy losses, each a small pure function behind a registry;
 * ``rollout``        sampling groups of responses with their log-probs (Hugging Face generate);
 * ``vllm_backend``   the same with vLLM (optional, GPU only);
-* ``checkpoints``    run identity, trainable state, save / load / latest, metrics truncation on resume;
+* ``checkpoints``    run identity, trainable state, save / load / latest, metrics truncation on resume, loading a
+                     checkpoint for evaluation (``load_checkpoint_model``, ``evaluate_run``);
 * ``distributed``    data-parallel helpers (rank-sharded rollouts, gradient all-reduce);
 * ``train``          the loop: resume, rollout, update, log, checkpoint;
 * ``sweep``          a grid of runs from one YAML file, each trained and evaluated once.

@@ -131,16 +131,13 @@ def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behav
 
 def kl_loss(config: KLConfig, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, behavior_logp: Tensor | None,
             logprobs: Tensor | None, ref_logprobs: Tensor | None, aggregation: str) -> tuple[Tensor, Tensor | None]:
-    """``(loss, clip_fraction)``: ``objectives.kl_term``'s loss (the same pieces, in the same order, hence the same
-    numbers, tested), without the per-estimator metrics it also computes.
+    """``(loss, clip_fraction)``: ``objectives.kl_term``'s loss with mean sample weights, without the
+    per-estimator values (the trainer logs those once per batch).
 
     ``logp``, ``ref_logp``, ``mask`` (bool) and ``behavior_logp`` are ``(B, T)``; ``logprobs`` and
     ``ref_logprobs`` ``(B, T, V)`` (analytic estimator only, else None). ``clip_fraction`` is the 0-dim share of
     valid tokens whose log-ratio ``config.log_ratio_clamp`` clipped, None without a clamp.
     """
-    k, clip_fraction = objectives.estimate(config, logp, ref_logp, mask, logprobs, ref_logprobs)
-    per_seq = objectives.per_sequence_loss(config, logp, ref_logp, mask, behavior_logp=behavior_logp, k=k)  # (B,)
-    if aggregation == "token_mean":
-        per_seq = per_seq / mask.sum(-1).clamp_min(1).to(per_seq.dtype)
-    weights = torch.full((logp.shape[0],), 1.0 / logp.shape[0], dtype=logp.dtype, device=logp.device)
-    return (weights * per_seq).sum(), clip_fraction
+    loss, metrics = objectives.kl_term(config, logp, ref_logp, mask, behavior_logp=behavior_logp, logprobs=logprobs,
+                                       ref_logprobs=ref_logprobs, aggregation=aggregation, estimator_metrics=False)
+    return loss, metrics.get("kl/clip_fraction")

@@ -38,29 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from kl_lib.files import write_json
 from kl_lib.lm.evaluate import EvalSettings, evaluate_path
 from kl_lib.lm.sft import SMOKE, train_base_model
 from kl_lib.rl.checkpoints import evaluate_run
-from kl_lib.rl.config import RLConfig, apply_overrides, from_dict
+from kl_lib.rl.config import RLConfig, apply_overrides, check_sweep_spec, from_dict, load_sweep_spec
 from kl_lib.rl.train import train
 from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS
 from kl_lib.tasks.arithmetic import write_splits
 
 __all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep"]
 
-_SWEEP_KEYS = {"base", "smoke", "groups", "eval"}
-_GROUP_KEYS = {"set", "seeds", "betas", "kl"}
 
 
 def expand_sweep(spec: dict[str, Any], smoke: bool = False, overrides: list[str] | None = None) -> list[RLConfig]:
     """Every run of the sweep as a validated ``RLConfig`` (all errors before any compute)."""
-    unknown = set(spec) - _SWEEP_KEYS
-    if unknown:
-        raise ValueError(f"unknown sweep key(s) {sorted(unknown)}; valid keys are {sorted(_SWEEP_KEYS)}")
+    check_sweep_spec(spec)
     base = dict(spec.get("base") or {})
     smoke_spec = dict(spec.get("smoke") or {}) if smoke else {}
     smoke_seeds, smoke_betas = smoke_spec.pop("seeds", None), smoke_spec.pop("betas", None)
@@ -68,9 +63,6 @@ def expand_sweep(spec: dict[str, Any], smoke: bool = False, overrides: list[str]
     base.update(smoke_spec)
     configs: list[RLConfig] = []
     for group_name, group in (spec.get("groups") or {}).items():
-        unknown = set(group) - _GROUP_KEYS
-        if unknown:
-            raise ValueError(f"sweep group {group_name!r}: unknown key(s) {sorted(unknown)}; valid: {sorted(_GROUP_KEYS)}")
         seeds = smoke_seeds if smoke_seeds is not None else group.get("seeds", [0])
         betas = smoke_betas if smoke_betas is not None else group.get("betas", [0.1])
         for kl in group.get("kl", [{}]):
@@ -150,7 +142,7 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     but not evaluated) are handed to the sweep runner, so a complete smoke sweep costs a directory listing.
     """
     runs_dir, model_dir, data_dir = Path(runs_dir), Path(model_dir), Path(data_dir)
-    spec = yaml.safe_load(Path(sweep).read_text())
+    spec = load_sweep_spec(sweep)
     overrides = [f"runs_dir={runs_dir}", f"model={model_dir}", f"data_dir={data_dir}"]
     configs = expand_sweep(spec, smoke=True, overrides=overrides)
     settings = eval_settings(spec, smoke=True)
@@ -191,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     try:
-        with open(args.sweep) as f:
-            spec = yaml.safe_load(f) or {}
+        spec = load_sweep_spec(args.sweep)
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
         settings = eval_settings(spec, smoke=args.smoke)
     except (OSError, ValueError) as err:

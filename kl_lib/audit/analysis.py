@@ -101,8 +101,9 @@ def _candidates(policy: MarkovPolicy, ref: MarkovPolicy) -> dict[str, Tensor]:
     return dict(zip(CLASS_NAMES, values))
 
 
-def _same(x: Tensor, y: Tensor) -> bool:
-    return bool((x - y).norm() <= RTOL * max(float(y.norm()), float(x.norm()), 1e-12))
+def _same(x: Tensor, y: Tensor, scale: float) -> bool:
+    """‖x − y‖ ≤ RTOL · max(‖x‖, ‖y‖, scale): ``scale`` (‖G*‖) lets a numerically zero x match 0."""
+    return bool((x - y).norm() <= RTOL * max(float(y.norm()), float(x.norm()), scale))
 
 
 def classify(term: Term, pairs: list[tuple[MarkovPolicy, MarkovPolicy]]) -> str:
@@ -120,7 +121,8 @@ def classify(term: Term, pairs: list[tuple[MarkovPolicy, MarkovPolicy]]) -> str:
         if scale == 0:
             return "0 (β = 0: the KL is off)"
         value = expected_grad(term, policy, ref) / scale
-        names &= {n for n, c in _candidates(policy, ref).items() if _same(value, c)}
+        candidates = _candidates(policy, ref)
+        names &= {n for n, c in candidates.items() if _same(value, c, float(candidates["G*"].norm()))}
     return next((n for n in CLASS_NAMES if n in names), "biased")
 
 

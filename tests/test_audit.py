@@ -132,3 +132,22 @@ def test_cli_default_and_help():
     assert result.returncode == 0 and "the KL is off" in result.stdout
     help_text = _cli("--help").stdout
     assert "examples:" in help_text and "--set" in help_text
+
+
+@pytest.mark.parametrize("aggregation, constant", [("sum", None), ("token_mean", None), ("global_token_mean", None),
+                                                   ("constant", None), ("constant", 11.0)])
+def test_aggregation_scale_matches_kl_term_on_enumerated_sequences(aggregation, constant):
+    """analysis.aggregation_scale × exact gradient = ∇ kl_term(aggregation) with weights μ(y) over all sequences."""
+    from kl_lib import objectives
+    from kl_lib.toy import exact
+    policy, ref = analysis.reference_pair(3, 1.0, seed=2)
+    setting = KLSetting("k3", "both")
+    seqs = exact.all_sequences(3, 3)
+    theta = policy.logits.detach().double().requires_grad_()
+    logp, logprobs = policy.token_logprobs(seqs, theta)
+    ref_logp, ref_logprobs = ref.token_logprobs(seqs, ref.logits.double())
+    loss, _ = objectives.kl_term(setting, logp, ref_logp, weights=logp.detach().sum(-1).exp(), logprobs=logprobs,
+                                 ref_logprobs=ref_logprobs, aggregation=aggregation, aggregation_constant=constant)
+    (grad,) = torch.autograd.grad(loss, theta)
+    expected = analysis.expected_grad(analysis.Term(setting, aggregation, constant), policy, ref)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-13)

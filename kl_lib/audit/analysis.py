@@ -3,7 +3,7 @@
 A library setting is a sum of *terms* (``Term``): a ``KLSetting`` (estimator, placement, β, clamps, weights, …)
 aggregated one way (``kl_lib.objectives.AGGREGATIONS``). On a toy policy of fixed length T every sequence has T
 valid tokens, so every length normalisation is a constant factor a: 1 for ``sum``, 1/T for ``token_mean`` and
-``global_token_mean``, T/C for ``constant`` with divisor C. (With sequences of varying length the per-sequence
+``global_token_mean``, 1/C for ``constant`` with divisor C (default C = T). (With sequences of varying length the per-sequence
 token mean weights sequences by 1/n_b, a further length bias that these fixed-length toys do not show.)
 
 For each term the expected gradient E[g] is computed exactly by ``kl_lib.toy.exact`` (dynamic programming, or
@@ -60,7 +60,7 @@ def aggregation_scale(term: Term, length: int) -> float:
     if term.aggregation == "sum":
         return 1.0
     if term.aggregation == "constant":
-        return length / (length if term.aggregation_constant is None else term.aggregation_constant)
+        return 1.0 / (length if term.aggregation_constant is None else term.aggregation_constant)
     return 1.0 / length
 
 

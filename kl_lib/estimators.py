@@ -21,6 +21,11 @@ Numerics. k3 is computed with ``expm1`` on the log-ratio: for δ → 0 this avoi
 silently. A clamp on δ is offered only as the explicit :func:`clamp_log_ratio`, which returns the fraction of
 entries it clipped so that a caller can report it (clipped entries carry no gradient through δ).
 
+Library estimators. ``LIBRARY_ESTIMATORS`` holds estimators that libraries offer but the contract's table does
+not study (verl's ``abs`` = |δ|, biased); they are usable through ``kl_lib.config.KLSetting`` and are not logged
+as metrics. :func:`clamp_value` is the explicit, reported clamp of an estimate's *value* to [−c, c] (verl, OpenRLHF
+and NeMo-RL clamp k3's value at 10, which binds for δ < −2.61 or δ > 11); a clipped entry has zero gradient.
+
 Departure from the paper: the paper studies k1 and k3 only; k2 and ``analytic`` are included because the
 libraries it discusses offer them (``analytic`` is the Rao-Blackwellised, zero-sampling-noise reference).
 """
@@ -36,10 +41,13 @@ from torch import Tensor
 __all__ = [
     "ESTIMATORS",
     "Estimator",
+    "LIBRARY_ESTIMATORS",
     "analytic",
     "clamp_log_ratio",
+    "clamp_value",
     "estimator_names",
     "get_estimator",
+    "lookup_estimator",
     "k1",
     "k2",
     "k3",
@@ -56,6 +64,10 @@ def _k2(log_ratio: Tensor) -> Tensor:
 
 def _k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(-log_ratio) + log_ratio
+
+
+def _abs(log_ratio: Tensor) -> Tensor:
+    return log_ratio.abs()
 
 
 def k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -140,6 +152,12 @@ _register(Estimator("analytic", "Σ_v π(v)(log π(v) − log π_ref(v))", unbia
                     full_distribution=True))
 
 
+LIBRARY_ESTIMATORS: dict[str, Estimator] = {
+    "abs": Estimator("abs", "|δ|", unbiased=False, of_log_ratio=_abs),
+}
+"""Estimators offered by libraries outside the contract's table (not logged as metrics, not in ``ESTIMATORS``)."""
+
+
 def estimator_names() -> tuple[str, ...]:
     return tuple(ESTIMATORS)
 
@@ -155,6 +173,33 @@ def get_estimator(name: str) -> Estimator:
         raise ValueError(
             f"unknown KL estimator {name!r}; valid estimators are {', '.join(map(repr, ESTIMATORS))}"
         ) from None
+
+
+def lookup_estimator(name: str) -> Estimator:
+    """Look up ``name`` in ``ESTIMATORS`` or ``LIBRARY_ESTIMATORS``; unknown names raise a ``ValueError`` listing both."""
+    found = ESTIMATORS.get(name) if isinstance(name, str) else None
+    found = found or (LIBRARY_ESTIMATORS.get(name) if isinstance(name, str) else None)
+    if found is None:
+        valid = ", ".join(map(repr, [*ESTIMATORS, *LIBRARY_ESTIMATORS]))
+        raise ValueError(f"unknown KL estimator {name!r}; valid estimators are {valid}")
+    return found
+
+
+def clamp_value(value: Tensor, bound: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Clamp an estimate's value to [−bound, bound] and report the fraction of (valid) entries clipped.
+
+    A clipped entry has zero gradient (``torch.clamp``), so the clamp changes the estimator's gradient wherever it
+    binds. Shapes and the returned fraction as in :func:`clamp_log_ratio`.
+    """
+    if not (bound > 0 and bound < float("inf")):
+        raise ValueError(f"clamp bound must be positive and finite, got {bound!r}")
+    clipped = value.detach().abs() > bound
+    if mask is None:
+        fraction = clipped.to(value.dtype).mean()
+    else:
+        m = mask.to(value.dtype)
+        fraction = (clipped.to(value.dtype) * m).sum() / m.sum().clamp_min(1.0)
+    return value.clamp(-bound, bound), fraction
 
 
 def clamp_log_ratio(log_ratio: Tensor, bound: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,11 @@ policy when ``method="enumerate"``) or by dynamic programming over (position, pr
   ‖g(y)‖² = β² Σ_t ‖c_t e_t + f_t‖² with per-cell e, f, so E‖g‖² needs only E[c_t | a, v] and E[c_t² | a, v],
   which the DP also provides (past and future sums are independent given (y_{t−1}, y_t)).
 
+Library variants (``kl_lib.config.KLSetting``): value clamps, straight-through gradients and detached token weights
+act inside ``objectives.estimate``/``token_factors``, so both paths handle them; the local reward penalty (c_t = k_t)
+is the DP with neither past nor future sums. TRL's geometric-mean sequence weight and NeMo-RL's weight detached where
+clamped are enumerated only (the DP refuses them), and group normalisation of the penalty is refused here.
+
 Departure from the paper: the paper estimates bias and variance from Monte Carlo repeats on a small model;
 here they are exact, and Monte Carlo is used only to check the estimators against these numbers.
 """
@@ -35,7 +40,7 @@ import torch
 from torch import Tensor
 
 from kl_lib import objectives
-from kl_lib.config import KLConfig
+from kl_lib.config import KLConfig, as_setting
 from kl_lib.estimators import analytic
 from kl_lib.toy.policies import MarkovPolicy, TabularPolicy, check_compatible
 
@@ -224,8 +229,11 @@ class _Grid:
     def coefficient_moments(self, k: Tensor, second: bool = False) -> tuple[Tensor, Tensor | None]:
         """E[c_t | a, v] (and E[c_t² | a, v]) of the reward coefficient c_t, ``(T, V, V)``."""
         past, future, past2, future2 = _conditional_moments(k, self.transitions, self.marginals, second)
-        if self.config.reward_to_go:
+        local = as_setting(self.config).local_reward
+        if self.config.reward_to_go or local:
             past, past2 = torch.zeros_like(past), (torch.zeros_like(past) if second else None)
+        if local:
+            future, future2 = torch.zeros_like(future), (torch.zeros_like(future) if second else None)
         P, S = past.unsqueeze(2), future.unsqueeze(1)  # broadcast over v and over a
         mean = P + k + S
         if not second:
@@ -235,8 +243,25 @@ class _Grid:
         return mean, P2 + k.square() + S2 + 2 * (k * P + k * S + P * S)
 
 
+def _check_dp(config: KLConfig) -> None:
+    """Refuse the library variants whose terms are not per-cell functions of (t, y_{t−1}, y_t)."""
+    setting = as_setting(config)
+    if setting.sequence_weight != "product" or setting.token_weight == "detached_where_clamped":
+        raise ValueError(f"{setting.label}: the Markov DP does not handle sequence_weight={setting.sequence_weight!r} "
+                         f"or token_weight={setting.token_weight!r}; use method='enumerate' (V**T small enough)")
+
+
+def _check_exact(config: KLConfig) -> None:
+    """Group normalisation needs groups of Monte Carlo samples: refuse it here (see kl_lib.audit.analysis)."""
+    if as_setting(config).reward_normalization != "none":
+        raise ValueError(f"{as_setting(config).label}: reward_normalization couples the samples of a group, so it has "
+                         "no per-sequence exact gradient here; use kl_lib.audit.analysis (exact for 'group_mean', "
+                         "Monte Carlo for 'group_std')")
+
+
 def _grid(config: KLConfig, policy: MarkovPolicy, ref: MarkovPolicy, behavior: MarkovPolicy | None) -> _Grid:
     check_compatible(policy, ref, behavior)
+    _check_dp(config)
     theta = _double(policy).requires_grad_()
     behavior_lp = None if behavior is None else _grid_logprobs(_double(behavior))
     if config.importance_weighting == "sequence" and behavior_lp is not None:
@@ -376,6 +401,7 @@ def expected_kl_grad(policy: Policy, ref: Policy, config: KLConfig, behavior: Po
     Returns:
         A float64 tensor shaped like ``policy.logits``.
     """
+    _check_exact(config)
     if _method(policy, method) == "dp":
         return _dp_expected_grad(config, policy, ref, behavior)
     e = _enumerate(policy, ref, behavior)
@@ -392,6 +418,7 @@ def kl_grad_variance(policy: Policy, ref: Policy, config: KLConfig, behavior: Po
     off-policy, where it falls back to enumeration. Enumeration raises ``ValueError`` when V**T exceeds
     ``MAX_ENUMERATED_SEQUENCES``.
     """
+    _check_exact(config)
     method = _method(policy, method)
     if method == "dp" and config.importance_weighting == "sequence" and behavior is not None:
         method = "enumerate"

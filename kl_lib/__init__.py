@@ -10,7 +10,8 @@ The core, exported here, is three modules:
 * ``kl_lib.objectives`` — every configuration's loss term, implemented once, shared by the exact analysis
   and the RL trainer.
 
-The layers above it are packages: ``kl_lib.toy`` (policies and the exact analysis), ``kl_lib.lm`` (models),
+The layers above it are packages: ``kl_lib.toy`` (policies and the exact analysis), ``kl_lib.audit`` (which
+gradient a library's KL flags give), ``kl_lib.lm`` (models),
 ``kl_lib.tasks`` (tasks with verifiable rewards), ``kl_lib.rl`` (the trainer) and ``kl_lib.study`` (tables,
 findings, figures, the report, the notebook runner). ``kl_lib.files`` (safe writes, digests) serves them all.
 """

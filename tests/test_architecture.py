@@ -4,7 +4,7 @@ Rules checked on the source of every module under ``kl_lib/`` (parsed with :mod:
 
 (a) layering: a module imports kl_lib modules of its own layer or below only:
     0 core ``kl_lib`` (the package), ``kl_lib.estimators``, ``kl_lib.config``, ``kl_lib.objectives``,
-      ``kl_lib.files``; 1 ``kl_lib.toy.*``, ``kl_lib.lm.*``, ``kl_lib.tasks.*``; 2 ``kl_lib.rl.*``;
+      ``kl_lib.files``; 1 ``kl_lib.toy.*``, ``kl_lib.audit.*``, ``kl_lib.lm.*``, ``kl_lib.tasks.*``; 2 ``kl_lib.rl.*``;
     3 ``kl_lib.study.*``. The one exception is the entry-point shim ``kl_lib/nbrun.py``, which must stay a
     shim (no function or class definitions);
 (b) no private name (``_name``) imported from, or read off, another kl_lib module;
@@ -32,7 +32,7 @@ MAX_FUNCTION_LINES = 80
 LONG_MARK = "# long:"
 SHIM = "kl_lib.nbrun"
 CORE = ("kl_lib", "kl_lib.estimators", "kl_lib.config", "kl_lib.objectives", "kl_lib.files")
-LAYERS = {"toy": 1, "lm": 1, "tasks": 1, "rl": 2, "study": 3}
+LAYERS = {"toy": 1, "lm": 1, "tasks": 1, "audit": 1, "rl": 2, "study": 3}
 LAYER_NAMES = {0: "core", 1: "toy/lm/tasks", 2: "rl", 3: "study"}
 
 

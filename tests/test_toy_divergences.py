@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from kl_lib.toy import TabularPolicy, exact
-from kl_lib.toy.divergences import (bimodal_reference, discrete_kl, fit_gaussian, gaussian_on_grid, myopic_forward_kl,
-                                    myopic_reverse_kl)
+from kl_lib.toy.divergences import (
+    bimodal_reference,
+    discrete_kl,
+    fit_gaussian,
+    gaussian_on_grid,
+    myopic_forward_kl,
+    myopic_reverse_kl,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kl_lib.toy import optimum, rl_problem, TabularPolicy
+from kl_lib.toy import TabularPolicy, optimum, rl_problem
 
 BETAS = [0.02, 0.1, 0.5, 1.0, 3.0, 30.0]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -33,7 +33,7 @@ from kl_lib.config import KLConfig
 from kl_lib.toy import exact, rl_problem
 from kl_lib.toy.policies import TabularPolicy
 
-__all__ = ["SCHEDULES", "ziegler_update", "TargetKLController", "schedule", "controlled_ascent"]
+__all__ = ["SCHEDULES", "TargetKLController", "controlled_ascent", "schedule", "ziegler_update"]
 
 
 def ziegler_update(beta: float, kl: float, target: float, k_beta: float = 0.1, clip: float = 0.2) -> float:

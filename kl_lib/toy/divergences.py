@@ -26,8 +26,9 @@ here both fits are computed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -37,11 +38,11 @@ from kl_lib.toy.policies import TabularPolicy, check_compatible
 
 __all__ = [
     "DIRECTIONS",
-    "discrete_kl",
-    "gaussian_on_grid",
-    "bimodal_reference",
     "GaussianFit",
+    "bimodal_reference",
+    "discrete_kl",
     "fit_gaussian",
+    "gaussian_on_grid",
     "myopic_forward_kl",
     "myopic_reverse_kl",
 ]
@@ -81,6 +82,30 @@ class GaussianFit:
     reverse_kl: float  # KL(q‖p)
 
 
+def _objective(fit: GaussianFit) -> float:
+    return fit.forward_kl if fit.direction == "forward" else fit.reverse_kl
+
+
+def _fit_from(grid: Tensor, ref: Tensor, direction: str, initial_mean: float, steps: int) -> GaussianFit:
+    """One L-BFGS run from (m, log s) = (initial_mean, 0)."""
+    params = torch.tensor([float(initial_mean), 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        opt.zero_grad()
+        q = gaussian_on_grid(grid, params[0], params[1])
+        value = discrete_kl(ref, q) if direction == "forward" else discrete_kl(q, ref)
+        value.backward()
+        return value
+
+    opt.step(loss)
+    with torch.no_grad():
+        q = gaussian_on_grid(grid, params[0], params[1])
+        return GaussianFit(direction, float(params[0]), float(params[1].exp()), q, float(discrete_kl(ref, q)),
+                           float(discrete_kl(q, ref)))
+
+
 def fit_gaussian(grid: Tensor, ref: Tensor, direction: Literal["forward", "reverse"],
                  init_means: Sequence[float] = (-2.0, 0.0, 2.0), steps: int = 200) -> GaussianFit:
     """Minimise KL(ref‖q) (``"forward"``) or KL(q‖ref) (``"reverse"``) over q = gaussian_on_grid(grid, m, s).
@@ -91,28 +116,7 @@ def fit_gaussian(grid: Tensor, ref: Tensor, direction: Literal["forward", "rever
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not valid; choose one of {DIRECTIONS}")
     grid, ref = grid.to(torch.float64), ref.to(torch.float64)
-    best = None
-    for m0 in init_means:
-        params = torch.tensor([float(m0), 0.0], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([params], max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                line_search_fn="strong_wolfe")
-
-        def loss() -> Tensor:
-            opt.zero_grad()
-            q = gaussian_on_grid(grid, params[0], params[1])
-            value = discrete_kl(ref, q) if direction == "forward" else discrete_kl(q, ref)
-            value.backward()
-            return value
-
-        opt.step(loss)
-        with torch.no_grad():
-            q = gaussian_on_grid(grid, params[0], params[1])
-            fit = GaussianFit(direction, float(params[0]), float(params[1].exp()), q,
-                              float(discrete_kl(ref, q)), float(discrete_kl(q, ref)))
-        value = fit.forward_kl if direction == "forward" else fit.reverse_kl
-        if best is None or value < (best.forward_kl if direction == "forward" else best.reverse_kl):
-            best = fit
-    return best
+    return min((_fit_from(grid, ref, direction, m0, steps) for m0 in init_means), key=_objective)
 
 
 def _per_state_kls(policy: TabularPolicy, ref: TabularPolicy) -> tuple[Tensor, Tensor, Tensor]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ from kl_lib.toy.literature import sequence_k2_grads
 from kl_lib.toy.policies import TabularPolicy
 from kl_lib.toy.variance import baseline_variances, per_sequence_terms
 
-__all__ = ["Exercise", "EXERCISES", "check", "reference"]
+__all__ = ["EXERCISES", "Exercise", "check", "reference"]
 
 _ATOL = 1e-8
 

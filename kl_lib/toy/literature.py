@@ -28,7 +28,7 @@ from kl_lib.toy import exact
 from kl_lib.toy.policies import TabularPolicy, check_compatible
 from kl_lib.toy.variance import per_sequence_terms
 
-__all__ = ["sequence_k2_grads", "cross_entropy_grad", "literature_map"]
+__all__ = ["cross_entropy_grad", "literature_map", "sequence_k2_grads"]
 
 
 def sequence_k2_grads(policy: TabularPolicy, ref: TabularPolicy) -> Tensor:

@@ -24,20 +24,20 @@ with an exact, unbiased gradient is computed for any reference.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 __all__ = [
+    "beta_for_pass_at_1",
+    "closed_form_curves",
+    "entropy",
+    "enumerated_curves",
     "optimal_probs",
     "pass_at_1",
     "pass_at_k",
-    "beta_for_pass_at_1",
-    "entropy",
-    "closed_form_curves",
-    "enumerated_curves",
 ]
 
 

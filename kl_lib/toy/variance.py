@@ -30,7 +30,7 @@ the penalty; here the variances are exact, with and without the baselines the pa
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -44,11 +44,11 @@ from kl_lib.toy.policies import TabularPolicy, check_compatible
 
 __all__ = [
     "PerSequence",
-    "per_sequence_terms",
     "baseline_variances",
-    "gaussian_std_over_kl",
-    "std_crossing",
     "clamp_moments",
+    "gaussian_std_over_kl",
+    "per_sequence_terms",
+    "std_crossing",
 ]
 
 

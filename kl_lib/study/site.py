@@ -49,7 +49,7 @@ __all__ = ["plot_accuracy", "plot_training", "plot_entropy_vs_forward_kl", "plot
            "plot_offpolicy_curves", "plot_offpolicy_summary", "build_report", "main"]
 
 CURVES = {"reward/mean": "reward (batch mean)", "kl/analytic": "KL(π‖π_ref) per sequence (nats)",
-          "policy/entropy": "entropy per token (nats)", "kl/forward_myopic": "forward KL(π_ref‖π) per sequence (nats)"}
+          "policy/entropy": "entropy per token (nats)", "kl/forward_myopic": "Σ_t KL(π_ref‖π) at π's states (nats)"}
 
 
 def _steps(n: int) -> str:
@@ -165,7 +165,7 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
         start = mean[mean["step"] == mean["step"].min()][cols].mean()
         ax.plot(start[cols[0]], start[cols[1]], "*", color="gold", mec="k", ms=14, zorder=5, label="start (π = π_ref)")
         ax.set_title(f"β = {beta:g}")
-        ax.set_xlabel("myopic forward KL(π_ref‖π) per sequence (nats)")
+        ax.set_xlabel("myopic forward KL: Σ_t KL(π_ref‖π) at π's states (nats)")
         ax.set_ylabel("policy entropy per token (nats)")
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.suptitle(f"Entropy against forward KL during training ({setting}; mean over seeds, ● = end)", y=1.02)

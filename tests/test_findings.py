@@ -109,30 +109,36 @@ def test_outcomes_ignore_a_single_noisy_step_but_catch_a_sustained_collapse():
     assert out.loc["run3", "diverged"] and out.loc["run3", "unstable"] and out.loc["run3", "steps_completed"] == 0
 
 
-def test_kl_blowup_is_relative_to_the_no_kl_runs_of_the_same_setting():
+def test_kl_blowup_is_a_fixed_threshold_in_nats():
     nan_kl = np.full(STEPS, 0.1)
     nan_kl[5] = np.nan
-    specs = [run_spec("no KL", 0.0, 0, kl=0.4), run_spec("no KL", 0.0, 1, kl=0.6),
-             run_spec("k3 in reward", 0.1, 0, kl=1.1),  # < 2 × 0.6: not a blow-up
-             run_spec("k3 in reward", 0.1, 1, kl=1.3),  # > 2 × 0.6 and > 1 nat
-             run_spec("k3 in loss", 0.1, 0, setting="PPO lag 0", kl=0.5),  # > 2 × 0.2 but below the 1-nat floor
-             run_spec("no KL", 0.0, 0, setting="PPO lag 0", kl=0.2),
-             run_spec("k1 in loss", 0.1, 0, kl=nan_kl),  # non-finite at some step
-             run_spec("k3 in reward", 0.1, 0, setting="PPO lag 2", lag=2, kl=5.0)]  # no no-KL run in that setting
+    specs = [run_spec("k3 in reward", 0.1, 0, kl=fnd.KL_BLOWUP_NATS - 0.1),  # just below: not a blow-up
+             run_spec("k3 in reward", 0.1, 1, kl=fnd.KL_BLOWUP_NATS + 0.1),  # just above
+             run_spec("no KL", 0.0, 0, kl=fnd.KL_BLOWUP_NATS + 1.0),  # the threshold does not depend on other runs
+             run_spec("k1 in loss", 0.1, 0, kl=nan_kl)]  # non-finite at some step
     out = fnd.run_outcomes(make_tables(specs))
-    blow = dict(zip(zip(out["setting"], out["label"], out["seed"]), out["kl_blowup"]))
-    assert not blow[("on-policy", "k3 in reward", 0)]
-    assert blow[("on-policy", "k3 in reward", 1)] and blow[("on-policy", "k1 in loss", 0)]
-    assert not blow[("on-policy", "no KL", 0)] and not blow[("PPO lag 2", "k3 in reward", 0)]
-    assert not blow[("PPO lag 0", "k3 in loss", 0)]
-    assert not out["unstable"].any() and out["unstable_incl_blowup"].sum() == 2
+    blow = dict(zip(zip(out["label"], out["seed"]), out["kl_blowup"]))
+    assert not blow[("k3 in reward", 0)] and blow[("k3 in reward", 1)]
+    assert blow[("no KL", 0)] and blow[("k1 in loss", 0)]
+    assert not out["unstable"].any() and out["unstable_incl_blowup"].sum() == 3
+
+
+def test_collapse_is_judged_at_the_end_of_training():
+    recovered = steady(0.6)
+    recovered[10:20] = 0.0  # a dip that recovers is not a collapse
+    out = fnd.run_outcomes(make_tables([run_spec("k1 in reward", 0.1, 0, reward=recovered)]))
+    assert not out.loc[0, "collapsed"]
 
 
 def test_rate_comparison_branches():
     assert fnd.rate_comparison(6, 6, 0, 6)["verdict"] == "supported"
     assert fnd.rate_comparison(0, 6, 6, 6)["verdict"] == "not supported"
     assert fnd.rate_comparison(1, 6, 1, 6)["verdict"] == "inconclusive at this scale"
-    assert fnd.rate_comparison(0, 0, 3, 6)["verdict"] == "inconclusive at this scale"
+    assert fnd.rate_comparison(0, 0, 3, 6)["verdict"] == "not testable at this scale"
+    assert fnd.rate_comparison(3, 3, 0, 3)["verdict"] == "not testable at this scale"  # min p = 0.1 ≥ α
+    # stratified: 2/3 vs 0/3 in each of two β strata is significant only when the strata are combined
+    both = fnd.stratified_rate_comparison([(3, 3, 0, 3), (3, 3, 0, 3)])
+    assert both["verdict"] == "supported" and both["min_p"] == pytest.approx(2 / 400)
 
 
 def test_bootstrap_difference_covers_the_true_difference():
@@ -201,11 +207,40 @@ def test_f2_verdicts(acc, expected):
             tables.scores["ood_test"][run] = np.full(P, 0.4)
     f = fnd.finding_f2(tables, np.random.default_rng(0), n_boot=400)
     assert f.verdict == expected, f.evidence
-    pooled = f.evidence[f.evidence["beta"] == "all"].set_index("split")
-    assert set(pooled.index) == {"ID", "OOD"}
-    assert math.isclose(f.numbers["ID_difference"], pooled.loc["ID", "difference"])
-    # per-β rows: pooled unbiased and each unbiased configuration, for both β and both splits
-    assert len(f.evidence) == 2 * (1 + 2 * 3)
+    primary = f.evidence[f.evidence["role"] == "primary"].set_index("split")
+    assert set(primary.index) == {"ID", "OOD"} and (primary["beta"] == "all").all()
+    assert math.isclose(f.numbers["ID_difference"], primary.loc["ID", "difference"])
+    # secondary: each unbiased configuration over all β, and per β the unbiased mean and each configuration
+    assert len(f.evidence) == 2 * (1 + 2 + 2 * 3) and f.numbers["testable"]
+    sec = f.evidence[(f.evidence["role"] == "secondary") & (f.evidence["min_p"] < 0.05)]
+    assert (sec["p_holm"] >= sec["p_value"] - 1e-12).all()
+    assert set(f.evidence.loc[f.evidence["min_p"] >= 0.05, "verdict"]) <= {"not testable at this scale"}
+
+
+def test_f2_is_stratified_by_beta():
+    """A large β effect (β = 0.5 far below β = 0.1) and a small, consistent configuration effect: the primary
+    difference is the mean of the per-β differences, and its interval is not inflated by the β effect."""
+    acc = {0.1: {"k1 in reward": 0.82, "k3 in reward+loss": 0.82, "k3 in loss": 0.72},
+           0.5: {"k1 in reward": 0.32, "k3 in reward+loss": 0.32, "k3 in loss": 0.22}}
+    specs = [run_spec(label, beta, seed, acc=(acc[beta][label], acc[beta][label]) if beta in acc and label in acc[beta]
+                      else (0.5, 0.3)) for label, beta in ON_LABELS for seed in (0, 1, 2)]
+    tables = make_tables(specs)
+    f = fnd.finding_f2(tables, np.random.default_rng(0), n_boot=400)
+    run_mean = {r: tables.scores["id_test"][r].mean() for r in tables.results["run"]}
+    res = tables.results.assign(acc=tables.results["run"].map(run_mean)).groupby(["label", "beta"])["acc"].mean()
+    expected = np.mean([(res[("k1 in reward", b)] + res[("k3 in reward+loss", b)]) / 2 - res[("k3 in loss", b)]
+                        for b in (0.1, 0.5)])
+    assert math.isclose(f.numbers["ID_difference"], expected)
+    assert f.numbers["ID_high"] - f.numbers["ID_low"] < 0.1  # pooled across β the runs' spread is ±0.25
+    assert f.verdict == "supported"
+
+
+def test_f2_with_two_seeds_per_cell_and_one_beta_is_not_testable():
+    specs = [s for s in on_policy(seeds=(0, 1)) if s["beta"] in (0.1, 0.0)]
+    specs = [s for s in specs if s["label"] in ("k1 in reward", "k3 in loss", "no KL")]
+    f = fnd.finding_f2(make_tables(specs), np.random.default_rng(0), n_boot=100)
+    assert f.verdict == "inconclusive at this scale" and not f.numbers["testable"]
+    assert "not testable at this scale" in f.numbers["note"] and f.numbers["ID_min_p"] >= 0.05
 
 
 def test_f2_without_k3_in_loss_runs_is_inconclusive():
@@ -256,7 +291,14 @@ def test_all_findings_paper_comparison_and_serialisation():
     outcomes = fnd.run_outcomes(tables)
     acc = fnd.accuracy_table(tables, np.random.default_rng(0), n_boot=200)
     comp = fnd.paper_comparison(tables, acc, outcomes, found)
-    assert len(comp) == 10 and comp.iloc[0, 1].startswith("0.508 vs 0.429")
+    assert len(comp) == 14 and comp.iloc[4, 1].startswith("0.508 vs 0.429")
+    setup = comp[comp["outcome"].str.startswith("setup:")].set_index("outcome")
+    assert "**unconfirmed [KIMI]**" in setup.loc["setup: β grid"].iloc[0]
+    assert "**unconfirmed [KIMI]**" in setup.loc["setup: group size"].iloc[0]
+    assert "{0, 0.1, 0.5}" in setup.loc["setup: β grid"].iloc[1]
+    k1l = comp.set_index("outcome").loc["k1 in loss"].iloc[0]
+    assert "[HFB, REV]" in k1l and "**unconfirmed [KIMI]**" in k1l
+    assert all("[" in f.paper for f in found) and "**unconfirmed [KIMI]**" in found[0].paper
     k3r = comp.set_index("outcome").loc["k3 in reward"]
     assert "β=0.1: 3/3" in k3r.iloc[1] and k3r["verdict here"] == found[0].verdict
     assert "lag 2: 3/3, lag 8: 3/3" in comp.set_index("outcome").loc["Off-policy, no KL"].iloc[1]

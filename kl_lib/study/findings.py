@@ -3,55 +3,54 @@
 Input: a :class:`kl_lib.study.tables.RunTables` (``load_tables(runs_dir)``). Output: per-run outcomes, the
 accuracy table per configuration × β, the instability table, and one :class:`Finding` per hypothesis with
 its test, numbers and verdict (``kl_lib.study.stats.VERDICTS``). Notebook 04 shows them, notebook 05 F3, and the
-report (``kl_lib.study.site``) lists them.
+report (``kl_lib.study.site``) lists them. ``docs/statistics.md`` is the statistical plan these functions carry
+out (α, strata, Holm, exact tests, thresholds and their rationale, power).
 
 Definitions (fixed before looking at any sweep result)
 -------------------------------------------------------
 
-Accuracy. pass@1 of a final model on a problem = correct samples / samples (temperature 1). A
-configuration's accuracy is the mean over its seeds (runs) and the split's problems. 95% CIs come from
-``stats.hierarchical_bootstrap`` (resample runs within each group, then problems, the problem draw shared by
-every group so that differences are paired) with percentile intervals. A diverged run has no model and is
-scored 0 on every problem (``kl_lib.study.tables``). The difference to the base model pairs the same problems.
+Accuracy. pass@1 of a final model on a problem = correct samples / samples (temperature 1). A cell is the runs
+of one setting × configuration × β (× lag) that differ only in their seed. A cell's accuracy is the mean over its
+seeds and the split's problems, with a 95% interval from ``stats.hierarchical_bootstrap`` (seeds resampled within
+the cell, then problems, one problem draw shared by every cell). A diverged run has no model and is scored 0 on
+every problem (``kl_lib.study.tables``).
 
-Smoothing window. ``W = max(2, steps // 10)`` steps (10 for the 100-step sweep), a trailing rolling mean
-that needs W steps before it is defined, so that one noisy batch (16 prompts × 4 samples) cannot count.
+Smoothing window. ``W = max(2, steps // 10)`` steps (10 for the 100-step sweep), a trailing rolling mean.
 
-Per-run outcomes (``run_outcomes``):
+Per-run outcomes (``run_outcomes``), thresholds fixed in advance:
 
 * **diverged**: the trainer stopped the run (non-finite or |loss| > ``divergence_loss``, see ``kl_lib.rl.train``);
-* **collapsed**: at some step the W-step mean reward falls below ``COLLAPSE_FRACTION`` = ½ of its running
-  maximum, provided that maximum is at least ``COLLAPSE_FLOOR`` = 0.05 (a run that never earned reward
-  cannot "collapse" by noise);
-* **KL blow-up**: ``kl/analytic`` is non-finite at some step, or its mean over the last W steps exceeds both
-  ``KL_BLOWUP_FACTOR`` = 2 times the largest such value among the no-KL runs of the same setting (a regularised
-  run that ends twice as far from the reference as any unregularised one) and ``KL_BLOWUP_FLOOR`` = 1 nat per
-  sequence (so that the tiny KLs of a few steps cannot count). No-KL runs are never blow-ups;
+* **collapsed**: the W-step mean reward at the end is below ``COLLAPSE_FRACTION`` = ½ of the run's peak W-step
+  mean, provided that peak is at least ``COLLAPSE_FLOOR`` = 0.05 (a run that never earned reward cannot
+  "collapse" by noise); ``collapse_step`` is the first step of the final stretch below ½ peak;
+* **KL blow-up**: ``kl/analytic`` is non-finite at some step, or its mean over the last W steps exceeds
+  ``KL_BLOWUP_NATS`` = 5 nats per sequence (any run, no-KL runs included; rationale in ``docs/statistics.md``);
 * **unstable** = diverged or collapsed; **unstable (incl. KL blow-up)** adds the blow-up.
 
-Hypotheses and tests (on-policy = REINFORCE with RLOO and no lag; lagged = PPO with ``async_lag > 0``):
+Hypotheses, strata and tests (on-policy = REINFORCE with RLOO and no lag; lagged = PPO with ``async_lag > 0``).
+Every test is two-sided at ``stats.ALPHA`` = 0.05; each finding has one primary comparison (F2: one per split,
+both required), and its secondary rows are Holm-adjusted. Runs are never pooled across β or lag: comparisons are
+made within a stratum and combined over strata with fixed equal weights.
 
-* **F1** biased configurations (k3 in reward, k1 in loss) train unstably: on-policy runs, the rate of
-  "unstable (incl. KL blow-up)" in the biased configurations vs the other KL configurations (k1 in reward,
-  k3 in loss, k3 in reward+loss; no-KL runs are the control, in neither group), all β pooled. One-sided Fisher
-  exact test, biased > other.
-* **F2** unbiased configurations (k1 in reward, k3 in reward+loss) beat k3 in loss, in domain and out of
-  domain: on-policy runs, paired hierarchical-bootstrap CI of the pass@1 difference (unbiased − k3 in loss),
-  per configuration and β, and pooled (both unbiased configurations and all β vs k3 in loss at all β). The
-  verdict is the pooled one: supported if both the ID and the OOD interval lie above 0, "not supported" if
-  either lies below 0, otherwise inconclusive. The per-β rows are reported with their own verdicts.
-* **F3** KL stabilises off-policy training: lagged runs with KL (k1 in reward, k3 in loss, k3 in loss
-  with token IS) vs without (no KL), all lags pooled. Primary test, which gives the verdict: one-sided Fisher
-  exact test that the no-KL runs are more often unstable (KL blow-up does not apply: it is defined against the
-  no-KL runs). Secondary, reported with their own verdicts: the difference (KL − no KL) in final reward (W-step
-  mean at the end, 0 for a diverged run; two-sample bootstrap over runs) and in ID and OOD pass@1
-  (hierarchical bootstrap).
+* **F1** biased configurations (k3 in reward, k1 in loss) train unstably: on-policy, "unstable (incl. KL
+  blow-up)" in the biased configurations vs the other KL configurations (k1 in reward, k3 in loss, k3 in
+  reward+loss; no-KL runs are the control, in neither group). Primary: the exact conditional rate test
+  stratified by β (``stats.stratified_rate_test``). Secondary: each biased configuration; each β.
+* **F2** unbiased configurations (k1 in reward, k3 in reward+loss) beat k3 in loss, ID and OOD: on-policy, per β
+  Δ_β = (mean of the two unbiased cells) − k3 in loss cell; Δ = mean of Δ_β. Primary (ID and OOD): exact
+  permutation test over seeds within β (``stats.permutation_test``); supported if both splits are significant
+  and positive, "not supported" if either is significant and negative. Interval: fixed-weight combination of
+  the cells' hierarchical-bootstrap replicates. Secondary: each unbiased configuration (all β); each β.
+* **F3** KL stabilises off-policy training: lagged runs with KL (k1 in reward, k3 in loss, k3 in loss with
+  token IS) vs without (no KL). Primary: the exact rate test, no KL more often unstable (diverged or collapsed),
+  stratified by lag. Secondary: the rate per lag; the differences (KL − no KL) in final reward (W-step mean at the
+  end, 0 for a diverged run) and in ID and OOD pass@1, stratified by lag and per lag, each with a permutation test.
 
-Verdict rule (``stats.verdict``): an interval supports a claimed positive difference when it excludes 0 above,
-contradicts it ("not supported") when it excludes 0 below, and is inconclusive otherwise. A rate comparison is
-supported when the one-sided Fisher p < 0.05, "not supported" when the opposite one-sided test has p < 0.05
-(the claimed-unstable group is significantly *more stable*), and inconclusive otherwise (always so when a group
-has no runs). Nothing in the analysis is chosen after seeing results; the verdict is what the rule gives.
+Verdicts (``stats.direction_verdict``): "supported" when p < α and the estimate has the claimed sign, "not
+supported" when p < α with the other sign, "inconclusive at this scale" otherwise. A row whose smallest
+attainable p-value (fixed by its run counts) is ≥ α is "not testable at this scale"; a finding whose primary
+row is not testable gets "inconclusive at this scale" with ``numbers["testable"] = False`` and a note saying why.
+Nothing in the analysis is chosen after seeing results; the verdict is what the rule gives.
 """
 
 from __future__ import annotations
@@ -67,17 +66,19 @@ from kl_lib.study import stats
 from kl_lib.study.tables import SPLITS, RunTables
 
 __all__ = [
-    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_FACTOR", "KL_BLOWUP_FLOOR", "BIASED", "UNBIASED", "K3_LOSS",
+    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_NATS", "BIASED", "UNBIASED", "K3_LOSS",
     "OFFPOLICY_KL", "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "label_key", "setting_key", "sort_configs",
     "smoothing_window", "run_outcomes", "instability_table", "accuracy_table", "format_accuracy",
-    "group_replicates", "rate_comparison", "bootstrap_difference", "Finding", "finding_f1", "finding_f2",
-    "finding_f3", "all_findings", "paper_comparison", "findings_table",
+    "group_replicates", "rate_comparison", "stratified_rate_comparison", "bootstrap_difference", "Finding", "finding_f1", "finding_f2",
+    "finding_f3", "all_findings", "PAPER_SETUP", "paper_comparison", "findings_table",
 ]
 
 COLLAPSE_FRACTION = 0.5
 COLLAPSE_FLOOR = 0.05
-KL_BLOWUP_FACTOR = 2.0
-KL_BLOWUP_FLOOR = 1.0
+KL_BLOWUP_NATS = 5.0
+"""Fixed in advance (``docs/statistics.md``): a policy that puts its mass on answers y pays KL = −log π_ref(y), so
+KL > 5 nats means answers the reference model gives < e⁻⁵ ≈ 0.7% probability: ≈ 3× the base model's sequence
+entropy (≈ 0.34 nats/token × ≈ 4.6 answer tokens ≈ 1.6 nats) and ≈ 1 nat per answer token."""
 
 ON_POLICY = "on-policy"
 NO_KL = "no KL"
@@ -138,27 +139,25 @@ def run_outcomes(tables: RunTables) -> pd.DataFrame:
         m = by_run.get(run, empty)  # a run that diverged in its first rollout logged no step
         w = smoothing_window(r["steps"])
         reward = m["reward/mean"].rolling(w, min_periods=w).mean()
-        peak = reward.cummax()
-        below = (reward < COLLAPSE_FRACTION * peak) & (peak >= COLLAPSE_FLOOR)
-        kl = m["kl/analytic"].astype(float)
+        peak = float(reward.max()) if reward.notna().any() else float("nan")
         tail = m.tail(w)
+        final = float(tail["reward/mean"].mean())
+        collapsed = bool(len(m) >= w and peak >= COLLAPSE_FLOOR and final < COLLAPSE_FRACTION * peak)
+        above = np.flatnonzero((reward >= COLLAPSE_FRACTION * peak).to_numpy())
+        kl = m["kl/analytic"].astype(float)
         rows.append({
             "run": run, **{c: r[c] for c in ("setting", "label", "beta", "seed", "async_lag", "policy_loss", "steps")},
             "status": r["status"], "steps_completed": len(m), "window": w, "diverged": bool(r["diverged"]),
-            "collapsed": bool(below.any()),
-            "collapse_step": int(m["step"][below].iloc[0]) if below.any() else None,
-            "peak_reward": float(peak.max()) if peak.notna().any() else float("nan"),
-            "final_reward": 0.0 if r["diverged"] else float(tail["reward/mean"].mean()),
+            "collapsed": collapsed,
+            "collapse_step": int(m["step"].iloc[above[-1] + 1]) if collapsed else None,
+            "peak_reward": peak, "final_reward": 0.0 if r["diverged"] else final,
             "final_kl": float(tail["kl/analytic"].mean()),
             "final_forward_kl": float(tail["kl/forward_myopic"].mean()),
             "final_entropy": float(tail["policy/entropy"].mean()),
             "kl_nonfinite": bool((~np.isfinite(kl)).any()),
         })
     out = pd.DataFrame(rows)
-    reference = out[(out["label"] == NO_KL) & ~out["diverged"]].groupby("setting")["final_kl"].max()
-    limit = out["setting"].map(reference) * KL_BLOWUP_FACTOR  # NaN where a setting has no no-KL run
-    far = (out["final_kl"] > limit).fillna(False) & (out["final_kl"] > KL_BLOWUP_FLOOR)
-    out["kl_blowup"] = (out["label"] != NO_KL) & (out["kl_nonfinite"] | far)
+    out["kl_blowup"] = out["kl_nonfinite"] | (out["final_kl"] > KL_BLOWUP_NATS)
     out["unstable"] = out["diverged"] | out["collapsed"]
     out["unstable_incl_blowup"] = out["unstable"] | out["kl_blowup"]
     return sort_configs(out)
@@ -211,19 +210,26 @@ def _interval_verdict(low: float, high: float) -> str:
     return stats.verdict(low=low, high=high)
 
 
+def stratified_rate_comparison(strata: list[tuple[int, int, int, int]]) -> dict[str, Any]:
+    """Claim: group a's event rate exceeds group b's; ``strata`` = ``(events_a, n_a, events_b, n_b)`` per stratum.
+
+    The exact stratified test (``stats.stratified_rate_test``; strata with an empty group carry no information
+    and are dropped) with its row verdict (``stats.direction_verdict``) and ``difference``, the equal-weight
+    average over strata of rate_a − rate_b.
+    """
+    strata = [s for s in strata if s[1] > 0 and s[3] > 0]
+    if not strata:
+        return {"difference": math.nan, "p_greater": math.nan, "p_less": math.nan, "p_value": math.nan,
+                "min_p": math.nan, "verdict": stats.NOT_TESTABLE}
+    test = stats.stratified_rate_test(strata)
+    diff = float(np.mean([ea / na - eb / nb for ea, na, eb, nb in strata]))
+    direction = 1.0 if test["p_greater"] <= test["p_less"] else -1.0
+    return {"difference": diff, **test, "verdict": stats.direction_verdict(direction, test["p_value"], test["min_p"])}
+
+
 def rate_comparison(events_a: int, n_a: int, events_b: int, n_b: int) -> dict[str, Any]:
-    """Claim: group a's event rate exceeds group b's. Both one-sided Fisher p-values and the verdict."""
-    if n_a == 0 or n_b == 0:
-        return {"p_greater": math.nan, "p_less": math.nan, "verdict": stats.VERDICTS[2]}
-    p_greater = stats.fisher_exact_greater(events_a, n_a, events_b, n_b)
-    p_less = stats.fisher_exact_greater(events_b, n_b, events_a, n_a)
-    if stats.verdict(p_value=p_greater) == stats.VERDICTS[0]:
-        v = stats.VERDICTS[0]
-    elif stats.verdict(p_value=p_less) == stats.VERDICTS[0]:
-        v = stats.VERDICTS[1]
-    else:
-        v = stats.VERDICTS[2]
-    return {"p_greater": p_greater, "p_less": p_less, "verdict": v}
+    """:func:`stratified_rate_comparison` with one stratum (Fisher's exact test)."""
+    return stratified_rate_comparison([(events_a, n_a, events_b, n_b)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,132 +309,237 @@ def _rate_row(group: str, df: pd.DataFrame, col: str) -> dict[str, Any]:
             "kl_blowup": int(df["kl_blowup"].sum())}
 
 
+def _rate_test_row(comparison: str, stratum: Any, role: str, a: pd.DataFrame, b: pd.DataFrame, col: str,
+                   by: str) -> dict[str, Any]:
+    """One rate test of a > b, stratified by the column ``by`` (strata present in both groups)."""
+    keys = sorted(set(a[by]) & set(b[by]))
+    strata = [(int(a.loc[a[by] == k, col].sum()), int((a[by] == k).sum()),
+               int(b.loc[b[by] == k, col].sum()), int((b[by] == k).sum())) for k in keys]
+    test = stratified_rate_comparison(strata)
+    return {"comparison": comparison, by: stratum, "role": role, "events_a": sum(s[0] for s in strata),
+            "runs_a": sum(s[1] for s in strata), "events_b": sum(s[2] for s in strata),
+            "runs_b": sum(s[3] for s in strata), "difference": test["difference"], "p_value": test["p_value"],
+            "min_p": test["min_p"]}
+
+
+def _decide(rows: pd.DataFrame) -> pd.DataFrame:
+    """Holm over the testable secondary rows, then each row's verdict (``stats.direction_verdict``): primary
+    rows at their own p-value, secondary rows at their Holm-adjusted one."""
+    rows = rows.copy()
+    secondary = (rows["role"] == "secondary") & (rows["min_p"] < stats.ALPHA)
+    rows["p_holm"] = math.nan
+    if secondary.any():
+        rows.loc[secondary, "p_holm"] = stats.holm(rows.loc[secondary, "p_value"].to_numpy())
+    p = np.where(rows["role"] == "primary", rows["p_value"], rows["p_holm"])
+    rows["verdict"] = [stats.direction_verdict(d, q, m) if math.isfinite(d) else stats.NOT_TESTABLE
+                       for d, q, m in zip(rows["difference"], p, rows["min_p"])]
+    return rows
+
+
+def _combine(verdicts: list[str]) -> tuple[str, bool]:
+    """A finding's verdict from its primary rows (all must hold): any "not supported" → not supported; all
+    supported → supported; otherwise inconclusive at this scale. Also whether every primary row was testable."""
+    testable = stats.NOT_TESTABLE not in verdicts
+    if stats.VERDICTS[1] in verdicts:
+        return stats.VERDICTS[1], testable
+    if verdicts and all(v == stats.VERDICTS[0] for v in verdicts):
+        return stats.VERDICTS[0], testable
+    return stats.VERDICTS[2], testable
+
+
+def _not_testable_note(rows: pd.DataFrame) -> str:
+    bad = rows[(rows["role"] == "primary") & (rows["verdict"] == stats.NOT_TESTABLE)]
+    if bad.empty:
+        return ""
+    return ("not testable at this scale: the smallest attainable two-sided p-value is "
+            + ", ".join(f"{m:.3g}" for m in bad["min_p"]) + f" ≥ α = {stats.ALPHA} with these run counts "
+            "(or a group has no runs)")
+
+
 def finding_f1(outcomes: pd.DataFrame) -> Finding:
     """F1: on-policy, biased configurations are unstable more often than the other KL configurations."""
     on = outcomes[outcomes["setting"] == ON_POLICY]
-    biased = on[on["label"].isin(BIASED)]
-    other = on[(on["label"] != NO_KL) & ~on["label"].isin(BIASED)]
+    kl = on[on["label"] != NO_KL]
+    biased, other = kl[kl["label"].isin(BIASED)], kl[~kl["label"].isin(BIASED)]
     col = "unstable_incl_blowup"
-    rows = [_rate_row("biased (k3 in reward, k1 in loss)", biased, col),
-            _rate_row("other KL configurations", other, col)]
-    for (label, beta), g in on.groupby(["label", "beta"]):
-        rows.append(_rate_row(f"{label}, β={beta:g}", g, col))
-    test = rate_comparison(rows[0]["events"], rows[0]["runs"], rows[1]["events"], rows[1]["runs"])
+    groups = [_rate_row("biased (k3 in reward, k1 in loss)", biased, col), _rate_row("other KL configurations", other, col)]
+    groups += [_rate_row(f"{label}, β={beta:g}", g, col) for (label, beta), g in on.groupby(["label", "beta"])]
+    tests = [_rate_test_row("biased vs other KL configurations", "all", "primary", biased, other, col, "beta")]
+    tests += [_rate_test_row(f"{label} vs other KL configurations", "all", "secondary", kl[kl["label"] == label],
+                             other, col, "beta") for label in BIASED]
+    tests += [_rate_test_row("biased vs other KL configurations", b, "secondary", biased[biased["beta"] == b],
+                             other[other["beta"] == b], col, "beta") for b in sorted(kl["beta"].unique())]
+    tests = _decide(pd.DataFrame(tests))
+    primary = tests.iloc[0]
+    verdict, testable = _combine([primary["verdict"]])
+    full = stratified_rate_comparison([(int(biased.loc[biased["beta"] == b, col].sum()), int((biased["beta"] == b).sum()),
+                                        int(other.loc[other["beta"] == b, col].sum()), int((other["beta"] == b).sum()))
+                                       for b in sorted(kl["beta"].unique())])
     return Finding(
         id="F1",
         hypothesis="Biased KL configurations (k3 in reward, k1 in loss) train unstably: they diverge, collapse "
                    "or blow up in KL more often than the other KL configurations (on-policy).",
-        test="One-sided Fisher exact test on run counts, unstable = diverged or reward collapse or KL blow-up "
-             "(kl_lib.study.findings docstring), all β pooled; no-KL runs excluded.",
-        verdict=test["verdict"],
-        numbers={"biased_unstable": rows[0]["events"], "biased_runs": rows[0]["runs"],
-                 "other_unstable": rows[1]["events"], "other_runs": rows[1]["runs"],
-                 "p_value": test["p_greater"], "p_value_opposite": test["p_less"]},
-        evidence=pd.DataFrame(rows),
-        paper="k3 in reward collapses (Pass@1 ≈ 0) for every β tested; k1 in loss is unstable (Qwen2.5-7B at "
-              "β ≥ 0.3, Llama-3.1-8B at β = 0.05).")
+        test="Exact conditional rate test stratified by β (Fisher's test per β, combined over β), two-sided at "
+             f"α = {stats.ALPHA}; unstable = diverged, final reward < ½ peak, or final KL > {KL_BLOWUP_NATS:g} "
+             "nats per sequence (kl_lib.study.findings docstring); no-KL runs excluded. Secondary rows (each "
+             "biased configuration; each β) Holm-adjusted.",
+        verdict=verdict,
+        numbers={"biased_unstable": groups[0]["events"], "biased_runs": groups[0]["runs"],
+                 "other_unstable": groups[1]["events"], "other_runs": groups[1]["runs"],
+                 "p_value": full["p_greater"], "p_value_opposite": full["p_less"], "p_two_sided": full["p_value"],
+                 "min_p": full["min_p"], "testable": testable, "note": _not_testable_note(tests)},
+        evidence=pd.concat([tests.assign(kind="test"), pd.DataFrame(groups).assign(kind="counts")],
+                           ignore_index=True),
+        paper="k3 in reward collapses (Pass@1 ≈ 0), partially or fully, for every β tested [PW, HFB]; k1 in loss is "
+              "unstable [HFB, REV]; that this happens for Qwen2.5-7B at β ≥ 0.3 and for Llama-3.1-8B at β = 0.05 "
+              "is **unconfirmed [KIMI]**.")
 
 
 def _runs(df: pd.DataFrame, mask) -> list[str]:
     return list(df.loc[mask, "run"])
 
 
-def _diff_row(comparison: str, beta: Any, split: str, est: dict, reps: dict, a: str, b: str) -> dict[str, Any]:
-    if a not in reps or b not in reps:
-        return {"comparison": comparison, "beta": beta, "split": SPLIT_NAMES[split], "difference": math.nan,
-                "low": math.nan, "high": math.nan, "verdict": stats.VERDICTS[2]}
-    lo, hi = stats.interval(reps[a] - reps[b])
-    return {"comparison": comparison, "beta": beta, "split": SPLIT_NAMES[split], "difference": est[a] - est[b],
-            "low": lo, "high": hi, "verdict": _interval_verdict(lo, hi)}
+def _contrast(comparison: str, stratum: Any, role: str, strata: list[tuple[list[str], str]], cells: dict[str, list[str]],
+              est: dict[str, float], reps: dict[str, np.ndarray], values: dict[str, float]) -> dict[str, Any]:
+    """Fixed-weight contrast Σ_s w_s (mean over the a cells of s − the b cell of s), w_s = 1 / #strata.
+
+    ``strata``: per stratum, the a-side cell keys (averaged with equal weights) and the b-side cell key; cells
+    without runs are left out (a stratum without both sides is dropped). The estimate and its interval come from
+    each cell's bootstrap replicates ``reps`` (cells resampled within themselves); the p-value from the exact
+    stratified permutation test of the per-run ``values`` (a runs vs b runs within each stratum).
+    """
+    strata = [([k for k in a if k in reps], b) for a, b in strata]
+    strata = [(a, b) for a, b in strata if a and b in reps]
+    row = {"comparison": comparison, "stratum": stratum, "role": role}
+    if not strata:
+        return {**row, "difference": math.nan, "low": math.nan, "high": math.nan, "p_value": math.nan,
+                "min_p": math.nan}
+    w = 1 / len(strata)
+    d = sum(w * (np.mean([est[k] for k in a]) - est[b]) for a, b in strata)
+    d_reps = sum(w * (np.mean([reps[k] for k in a], axis=0) - reps[b]) for a, b in strata)
+    low, high = stats.interval(d_reps)
+    test = stats.permutation_test([([values[r] for k in a for r in cells[k]], [values[r] for r in cells[b]])
+                                   for a, b in strata])
+    return {**row, "difference": float(d), "low": low, "high": high, "p_value": test["p_value"],
+            "min_p": test["min_p"]}
+
+
+def _accuracy_replicates(tables: RunTables, split: str, cells: dict[str, list[str]], rng: np.random.Generator,
+                         n_boot: int) -> tuple[dict, dict, dict, dict]:
+    """Cell means, hierarchical bootstrap replicates (one problem draw shared by all cells), per-run means, and
+    the cells restricted to evaluated runs."""
+    est, reps = group_replicates(tables, split, cells, rng, n_boot, base=False)
+    values = {r: float(s.mean()) for r, s in tables.scores[split].items()}
+    cells = {k: [r for r in runs if r in values] for k, runs in cells.items()}
+    return est, reps, values, cells
 
 
 def finding_f2(tables: RunTables, rng: np.random.Generator, n_boot: int = 4000) -> Finding:
-    """F2: on-policy, the unbiased configurations beat k3 in loss in pass@1, ID and OOD."""
+    """F2: on-policy, the unbiased configurations beat k3 in loss in pass@1, ID and OOD (strata: β)."""
     on = tables.results[tables.results["setting"] == ON_POLICY]
     betas = sorted(b for b in on["beta"].unique() if b > 0)
-    groups = {"unbiased": _runs(on, on["label"].isin(UNBIASED)), "k3 in loss": _runs(on, on["label"] == K3_LOSS)}
-    for b in betas:
-        at = on["beta"] == b
-        groups[f"unbiased@{b}"] = _runs(on, at & on["label"].isin(UNBIASED))
-        groups[f"{K3_LOSS}@{b}"] = _runs(on, at & (on["label"] == K3_LOSS))
-        for label in UNBIASED:
-            groups[f"{label}@{b}"] = _runs(on, at & (on["label"] == label))
+    labels = (*UNBIASED, K3_LOSS)
+    cells = {f"{label}@{b}": _runs(on, (on["beta"] == b) & (on["label"] == label)) for label in labels for b in betas}
+    cells = {k: v for k, v in cells.items() if v}
     rows = []
     for split in SPLITS:
-        est, reps = group_replicates(tables, split, groups, rng, n_boot, base=False)
-        rows.append(_diff_row("unbiased (pooled) − k3 in loss", "all", split, est, reps, "unbiased", K3_LOSS))
+        est, reps, values, split_cells = _accuracy_replicates(tables, split, cells, rng, n_boot)
+
+        def row(comparison, stratum, role, a_labels, bs, split=split):
+            strata = [([f"{label}@{b}" for label in a_labels], f"{K3_LOSS}@{b}") for b in bs]
+            r = _contrast(comparison, stratum, role, strata, split_cells, est, reps, values)
+            return {**r, "split": SPLIT_NAMES[split]}
+
+        rows.append(row("unbiased − k3 in loss", "all", "primary", UNBIASED, betas))
+        rows += [row(f"{label} − k3 in loss", "all", "secondary", (label,), betas) for label in UNBIASED]
         for b in betas:
-            rows.append(_diff_row("unbiased (pooled) − k3 in loss", b, split, est, reps, f"unbiased@{b}", f"{K3_LOSS}@{b}"))
-            for label in UNBIASED:
-                rows.append(_diff_row(f"{label} − k3 in loss", b, split, est, reps, f"{label}@{b}", f"{K3_LOSS}@{b}"))
-    evidence = pd.DataFrame(rows)
-    primary = evidence[(evidence["beta"] == "all")].set_index("split")
-    verdicts = list(primary["verdict"])
-    if len(verdicts) == len(SPLITS) and all(v == stats.VERDICTS[0] for v in verdicts):
-        verdict = stats.VERDICTS[0]
-    elif stats.VERDICTS[1] in verdicts:
-        verdict = stats.VERDICTS[1]
-    else:
-        verdict = stats.VERDICTS[2]
-    numbers = {f"{s}_{k}": float(primary.loc[s, k]) for s in primary.index for k in ("difference", "low", "high")}
-    numbers.update({"unbiased_runs": len(groups["unbiased"]), "k3_loss_runs": len(groups[K3_LOSS])})
+            rows.append(row("unbiased − k3 in loss", b, "secondary", UNBIASED, [b]))
+            rows += [row(f"{label} − k3 in loss", b, "secondary", (label,), [b]) for label in UNBIASED]
+    evidence = _decide(pd.DataFrame(rows)).rename(columns={"stratum": "beta"})
+    primary = evidence[evidence["role"] == "primary"].set_index("split")
+    verdict, testable = _combine(list(primary["verdict"]))
+    numbers = {f"{s}_{k}": float(primary.loc[s, k]) for s in primary.index
+               for k in ("difference", "low", "high", "p_value", "min_p")}
+    numbers.update({"unbiased_runs": int(on["label"].isin(UNBIASED).sum()),
+                    "k3_loss_runs": int((on["label"] == K3_LOSS).sum()), "testable": testable,
+                    "note": _not_testable_note(evidence)})
     return Finding(
         id="F2",
         hypothesis="Unbiased configurations (k1 in reward, k3 in reward+loss) reach higher pass@1 than k3 in "
                    "loss, both in domain (ID) and out of domain (OOD) (on-policy).",
-        test="Paired hierarchical bootstrap (runs, then problems) of the pass@1 difference unbiased − k3 in loss; "
-             "verdict from the pooled comparison (both unbiased configurations, all β): supported if the ID "
-             "and OOD 95% intervals are above 0, not supported if either is below 0.",
+        test="Per β, Δ_β = mean pass@1 of the unbiased cells (equal weights) − k3 in loss; Δ = equal-weight mean "
+             "of Δ_β over β. Primary, for ID and for OOD: exact permutation test over seeds within β strata, "
+             f"two-sided α = {stats.ALPHA}; supported if both are significant and positive, not supported if "
+             "either is significant and negative. 95% interval: hierarchical bootstrap (seeds within each cell, "
+             "problems shared). Secondary rows (each configuration, each β) Holm-adjusted.",
         verdict=verdict, numbers=numbers, evidence=evidence,
-        paper="k1 in reward ≥ k3 in loss on every task (Qwen2.5-7B OOD physics 0.508 vs 0.429; about 19% "
-              "relative OOD gain); k3 in reward+loss ≈ k1 in reward > k3 in loss.")
+        paper="k1 in reward ≥ k3 in loss on every task of Fig. 4 [PW] (Qwen2.5-7B OOD physics 0.508 vs 0.429, about "
+              "19% relative OOD gain [PW]); k3 in reward+loss ≈ k1 in reward > k3 in loss (Fig. 6) [PW].")
+
+
+def _final_reward_replicates(outcomes: pd.DataFrame, cells: dict[str, list[str]], rng: np.random.Generator,
+                             n_boot: int) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, float]]:
+    """Cell means of the final reward and run-level bootstrap replicates within each cell."""
+    values = dict(zip(outcomes["run"], outcomes["final_reward"].astype(float)))
+    est, reps = {}, {}
+    for k, runs in cells.items():
+        x = np.array([values[r] for r in runs])
+        est[k], reps[k] = float(x.mean()), x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
+    return est, reps, values
 
 
 def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generator, n_boot: int = 4000) -> Finding:
-    """F3: lagged (off-policy) runs are stabilised by a KL term."""
+    """F3: lagged (off-policy) runs are stabilised by a KL term (strata: lag)."""
     lagged = outcomes[(outcomes["policy_loss"] == "ppo") & (outcomes["async_lag"] > 0)]
-    with_kl = lagged[lagged["label"].isin(OFFPOLICY_KL)]
-    no_kl = lagged[lagged["label"] == NO_KL]
+    with_kl, no_kl = lagged[lagged["label"].isin(OFFPOLICY_KL)], lagged[lagged["label"] == NO_KL]
+    lags = sorted(lagged["async_lag"].unique())
     rates = [_rate_row("with KL (k1 in reward, k3 in loss, k3 in loss token IS)", with_kl, "unstable"),
              _rate_row("no KL", no_kl, "unstable")]
-    for (lag, label), g in lagged.groupby(["async_lag", "label"]):
-        rates.append(_rate_row(f"lag {lag}: {label}", g, "unstable"))
-    test = rate_comparison(rates[1]["events"], rates[1]["runs"], rates[0]["events"], rates[0]["runs"])
-    secondary = []
-    lags = sorted(lagged["async_lag"].unique())
-    for lag in ["all", *lags]:
-        sel = (lambda d: d) if lag == "all" else (lambda d, lag=lag: d[d["async_lag"] == lag])
-        a, b = sel(with_kl), sel(no_kl)
-        d, lo, hi = bootstrap_difference(a["final_reward"].to_numpy(), b["final_reward"].to_numpy(), rng, n_boot)
-        secondary.append({"comparison": "final reward, KL − no KL", "lag": lag, "split": "train", "difference": d,
-                          "low": lo, "high": hi, "verdict": _interval_verdict(lo, hi)})
-        for split in SPLITS:
-            est, reps = group_replicates(tables, split, {"kl": list(a["run"]), "nokl": list(b["run"])}, rng, n_boot,
-                                         base=False)
-            row = _diff_row("pass@1, KL − no KL", lag, split, est, reps, "kl", "nokl")
-            row["lag"] = row.pop("beta")
-            secondary.append(row)
-    secondary = pd.DataFrame(secondary)
-    pooled = secondary[secondary["lag"] == "all"].set_index(["comparison", "split"])
-    evidence = pd.concat([pd.DataFrame(rates).assign(kind="instability"),
-                          secondary.assign(kind="difference")], ignore_index=True)
-    numbers = {"no_kl_unstable": rates[1]["events"], "no_kl_runs": rates[1]["runs"],
-               "kl_unstable": rates[0]["events"], "kl_runs": rates[0]["runs"], "p_value": test["p_greater"],
-               "p_value_opposite": test["p_less"]}
-    for (comp, split), r in pooled.iterrows():
-        key = "final_reward" if split == "train" else f"{split}_pass@1"
-        numbers.update({f"{key}_difference": float(r["difference"]), f"{key}_low": float(r["low"]),
-                        f"{key}_high": float(r["high"]),
-                        f"{key}_verdict": r["verdict"]})
+    rates += [_rate_row(f"lag {lag}: {label}", g, "unstable") for (lag, label), g in lagged.groupby(["async_lag", "label"])]
+    tests = [_rate_test_row("unstable, no KL vs KL", "all", "primary", no_kl, with_kl, "unstable", "async_lag")]
+    tests += [_rate_test_row("unstable, no KL vs KL", lag, "secondary", no_kl[no_kl["async_lag"] == lag],
+                             with_kl[with_kl["async_lag"] == lag], "unstable", "async_lag") for lag in lags]
+    tests = pd.DataFrame(tests).rename(columns={"async_lag": "stratum"}).assign(split="train")
+    cells = {f"{label}@{lag}": list(lagged.loc[(lagged["label"] == label) & (lagged["async_lag"] == lag), "run"])
+             for label in (*OFFPOLICY_KL, NO_KL) for lag in lags}
+    cells = {k: v for k, v in cells.items() if v}
+    sources = [("final reward, KL − no KL", "train", _final_reward_replicates(outcomes, cells, rng, n_boot) + (cells,))]
+    sources += [("pass@1, KL − no KL", SPLIT_NAMES[s], _accuracy_replicates(tables, s, cells, rng, n_boot))
+                for s in SPLITS]
+    diffs = []
+    for comparison, split, (est, reps, values, split_cells) in sources:
+        for lag in ["all", *lags]:
+            strata = [([f"{label}@{l}" for label in OFFPOLICY_KL], f"{NO_KL}@{l}") for l in (lags if lag == "all" else [lag])]
+            r = _contrast(comparison, lag, "secondary", strata, split_cells, est, reps, values)
+            diffs.append({**r, "split": split})
+    rows = _decide(pd.concat([tests, pd.DataFrame(diffs)], ignore_index=True)).rename(columns={"stratum": "lag"})
+    verdict, testable = _combine([rows.iloc[0]["verdict"]])
+    full = stratified_rate_comparison([(int(no_kl.loc[no_kl["async_lag"] == l, "unstable"].sum()),
+                                        int((no_kl["async_lag"] == l).sum()),
+                                        int(with_kl.loc[with_kl["async_lag"] == l, "unstable"].sum()),
+                                        int((with_kl["async_lag"] == l).sum())) for l in lags])
+    numbers = {"no_kl_unstable": rates[1]["events"], "no_kl_runs": rates[1]["runs"], "kl_unstable": rates[0]["events"],
+               "kl_runs": rates[0]["runs"], "p_value": full["p_greater"], "p_value_opposite": full["p_less"],
+               "p_two_sided": full["p_value"], "min_p": full["min_p"], "testable": testable,
+               "note": _not_testable_note(rows)}
+    for _, r in rows[(rows["lag"] == "all") & rows["low"].notna()].iterrows():
+        key = "final_reward" if r["split"] == "train" else f"{r['split']}_pass@1"
+        numbers.update({f"{key}_{k}": (float(r[k]) if k != "verdict" else r[k])
+                        for k in ("difference", "low", "high", "p_value", "p_holm", "verdict")})
     return Finding(
         id="F3",
         hypothesis="A KL term stabilises off-policy (lagged) training: without KL, lagged runs diverge or collapse "
                    "more often than with k1 in reward, k3 in loss or k3 in loss with token IS.",
-        test="One-sided Fisher exact test on run counts (unstable = diverged or reward collapse), all lags > 0 "
-             "pooled; secondary: bootstrap CIs of the final-reward and pass@1 differences (KL − no KL).",
-        verdict=test["verdict"], numbers=numbers, evidence=evidence,
-        paper="Async level 10 with Dr. GRPO: without KL training is unstable or collapses; k1 in loss also "
-              "collapses; k1 in reward and k3 in loss both stabilise it, k1 in reward ahead.")
+        test="Exact conditional rate test stratified by lag (Fisher's test per lag > 0, combined), two-sided "
+             f"α = {stats.ALPHA}, unstable = diverged or final reward < ½ peak. Secondary, Holm-adjusted: the rate "
+             "per lag, and the differences (KL − no KL; KL cells averaged with equal weights, lags with equal "
+             "weights) in final reward and ID/OOD pass@1, each with an exact permutation test over seeds within "
+             "lags and a 95% bootstrap interval (runs resampled within each cell).",
+        verdict=verdict, numbers=numbers,
+        evidence=pd.concat([rows.assign(kind="test"), pd.DataFrame(rates).assign(kind="instability")],
+                           ignore_index=True),
+        paper="Async level 10 with Dr. GRPO [PW]: without KL training is unstable or collapses; k1 in loss also "
+              "collapses; k1 in reward and k3 in loss both stabilise it, k1 in reward ahead [PW, abs].")
 
 
 def all_findings(tables: RunTables, seed: int = 0, n_boot: int = 4000,
@@ -475,6 +586,31 @@ def _unstable(outcomes: pd.DataFrame, mask: pd.Series, label: str, col: str = "u
                                                for k, sub in g.groupby(by))
 
 
+PAPER_SETUP = (
+    ("β grid", "{0, 0.05, 0.1, 0.3, 1}: **unconfirmed [KIMI]**"),
+    ("group size", "G = 5 samples per prompt: **unconfirmed [KIMI]**"),
+    ("training steps", "250 steps on MATH [REV]"),
+    ("off-policy runs", "Dr. GRPO, async level 10 [PW]; Qwen2.5-7B on MATH and Qwen3-4B-Instruct-2507 on Countdown: "
+                        "**unconfirmed [KIMI]**"),
+)
+"""The paper's setup as ``docs/paper.md`` §2 gives it, each fact with its source tag; **unconfirmed** marks a fact
+resting only on an unreliable or secondary source."""
+
+
+def _setup_rows(tables: RunTables) -> list[tuple[str, str, str, str]]:
+    res = tables.results
+    on, lagged = res[res["setting"] == ON_POLICY], res[res["async_lag"] > 0]
+    ours = {
+        "β grid": "{" + ", ".join(f"{b:g}" for b in sorted(on["beta"].unique())) + "} (on-policy)",
+        "group size": (f"G = {', '.join(str(int(g)) for g in sorted(res['group_size'].unique()))}"
+                       if "group_size" in res else "see configs/sweep.yaml"),
+        "training steps": ", ".join(str(int(s)) for s in sorted(res["steps"].unique())) + " steps",
+        "off-policy runs": (f"PPO-clip with lags {sorted(int(l) for l in lagged['async_lag'].unique())}, "
+                            f"the same model as on-policy" if len(lagged) else "none"),
+    }
+    return [(f"setup: {name}", paper, ours[name], "—") for name, paper in PAPER_SETUP]
+
+
 def paper_comparison(tables: RunTables, accuracy: pd.DataFrame, outcomes: pd.DataFrame,
                      findings: list[Finding]) -> pd.DataFrame:
     """The paper's reported outcomes (7–8B LLMs on MATH) next to ours (a 0.9 M-parameter model on arithmetic).
@@ -498,7 +634,7 @@ def paper_comparison(tables: RunTables, accuracy: pd.DataFrame, outcomes: pd.Dat
         return "; ".join(f"{s}: {_acc(accuracy, s, label, 'id_test')}" for s in
                          sorted(outcomes.loc[lagged, "setting"].unique(), key=setting_key))
 
-    rows = [
+    rows = [*_setup_rows(tables),
         ("OOD accuracy: k1 in reward vs k3 in loss",
          "0.508 vs 0.429 pass@1 (Qwen2.5-7B, OOD physics); ≈19% relative gain over OOD tasks [PW]",
          f"OOD pass@1 k1 in reward {_acc(accuracy, ON_POLICY, 'k1 in reward', 'ood_test')} vs k3 in loss "
@@ -514,7 +650,7 @@ def paper_comparison(tables: RunTables, accuracy: pd.DataFrame, outcomes: pd.Dat
         ("k3 in reward", "collapses, Pass@1 → ≈0, partially or fully for every β [PW, HFB]",
          f"{_unstable(outcomes, on, 'k3 in reward')}; ID pass@1 {_acc(accuracy, ON_POLICY, 'k3 in reward', 'id_test')}",
          "F1"),
-        ("k1 in loss", "unstable (Qwen at β ≥ 0.3, Llama at β = 0.05) [HFB, KIMI]",
+        ("k1 in loss", "unstable [HFB, REV]; Qwen at β ≥ 0.3 and Llama even at β = 0.05: **unconfirmed [KIMI]**",
          f"{_unstable(outcomes, on, 'k1 in loss')}; ID pass@1 {_acc(accuracy, ON_POLICY, 'k1 in loss', 'id_test')}",
          "F1"),
         ("k3 in loss", "stable but lower than k1 in reward [HFB, PW]",

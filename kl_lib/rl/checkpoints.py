@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
@@ -337,7 +338,7 @@ def load_checkpoint(checkpoint: Path, device: torch.device | str = "cpu") -> dic
         state = json.loads(files[_STATE])
         tensors = {name: {k: v.to(device) for k, v in safetensors_load(files[name]).items()}
                    for name in ("trainable.safetensors", "optimizer.safetensors", "snapshots.safetensors")}
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"{checkpoint} is not a valid checkpoint ({type(err).__name__}: {err})") from None
     snapshots: list[dict[str, Tensor]] = [{} for _ in range(state["snapshots"])]
     for key, value in tensors["snapshots.safetensors"].items():

@@ -238,6 +238,23 @@ def test_a_malicious_pickle_where_a_checkpoint_belongs_is_never_unpickled(tiny, 
     assert not marker.exists()
 
 
+def test_a_finished_run_of_the_old_checkpoint_format_is_kept_and_skipped(tiny):
+    """Runs finished before checkpoints became safetensors (a pickled ``state.pt``) stay finished and skipped; more
+    steps for one is refused (nothing read, nothing changed) instead of unpickling its checkpoint."""
+    cfg = _cfg(tiny, name="oldformat", steps=2)
+    run_dir = train(cfg, progress=False).run_dir
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        for f in ckpt.iterdir():
+            f.unlink()
+        (ckpt / "state.pt").write_bytes(pickle.dumps({"step": 2}))
+    before = _tree(run_dir)
+    assert train(cfg, progress=False).status == "skipped"
+    with pytest.raises(RunConflictError, match=r"holds this run with steps=2, which cannot be continued \(.*old "
+                                               r"pickle format.*\); nothing was changed"):
+        train(_cfg(tiny, name="oldformat", steps=4), progress=False)
+    assert _tree(run_dir) == before
+
+
 def test_no_file_is_unpickled_anywhere_in_kl_lib():
     """Run directories and data are read as JSON, JSONL, YAML (with safe loaders) and safetensors only."""
     sources = {p: p.read_text() for p in (ROOT / "kl_lib").rglob("*.py")}

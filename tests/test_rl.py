@@ -298,18 +298,18 @@ def test_more_steps_continue_a_finished_run_from_its_last_checkpoint(tiny):
     rows = _metrics(result.run_dir)
     assert rows[:2] == first and _strip_times(rows) == _strip_times(_metrics(straight.run_dir))
     assert json.loads((result.run_dir / "config.json").read_text())["digest"] == run_identity(longer)
-    with pytest.raises(RunConflictError, match=r"steps: 4 → 3: a run cannot be shortened"):
+    with pytest.raises(RunConflictError, match=r"holds this run with steps=4, and a run cannot be shortened to steps=3"):
         train(_cfg(tiny, steps=3, name="extended"), progress=False)
     assert train(longer, progress=False).status == "skipped"
 
 
 def test_resuming_an_off_policy_lora_run_restores_the_snapshots_and_the_optimizer(tiny):
     """The async-lag snapshots and PPO's AdamW state of LoRA adapters survive the checkpoint round trip."""
-    kw = dict(steps=4, async_lag=2, policy_loss="ppo", ppo_epochs=2, ppo_minibatches=2, finetune="lora",
+    kw = dict(steps=3, async_lag=2, policy_loss="ppo", ppo_minibatches=2, finetune="lora",
               kl=KLConfig("k1", "loss", beta=1.0))
     straight = train(_cfg(tiny, name="offpolicy-straight", **kw), progress=False)
     cfg = _cfg(tiny, name="offpolicy-resumed", **kw)
-    assert train(cfg, stop_after=3, progress=False).status == "interrupted"  # resumes from step 2, lag snapshots
+    assert train(cfg, stop_after=2, progress=False).status == "interrupted"  # step 2 samples from step 0's snapshot
     assert _strip_times(_metrics(train(cfg, progress=False).run_dir)) == _strip_times(_metrics(straight.run_dir))
 
 

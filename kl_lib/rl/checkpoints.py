@@ -162,39 +162,48 @@ def _move_aside(run_dir: Path) -> Path:
     return aside
 
 
-def _conflict(run_dir: Path, stored: dict[str, Any] | None, cfg: RLConfig, extended: bool) -> str:
-    what = (f"steps: {stored['config']['steps']} → {cfg.steps}: a run cannot be shortened" if extended
-            else _changes(stored, cfg))
-    return (f"{run_dir} holds another run ({what}); nothing was changed. Train under a new name "
-            f"(--set name=...), or pass --move-aside (train(..., on_conflict='move')) to move the old run to "
-            f"{run_dir.name}.old-<time> and start this one")
+def _why_not_continue(run_dir: Path, stored: dict[str, Any] | None, cfg: RLConfig, identity: str, lineage: str,
+                      problems: list[Problem]) -> str | None:
+    """Why ``run_dir`` cannot be this run's (resumed or extended), or None when it can."""
+    if stored is not None and stored.get("digest") == identity:
+        return None
+    old_steps = (stored or {}).get("config", {}).get("steps")
+    if not isinstance(old_steps, int) or run_identity(cfg, problems, old_steps) != stored.get("digest"):
+        return f"it holds another run ({_changes(stored, cfg)})"
+    if old_steps > cfg.steps:
+        return f"it holds this run with steps={old_steps}, and a run cannot be shortened to steps={cfg.steps}"
+    try:
+        usable, why = resume_point(run_dir, lineage, old_steps) is not None, "it has no intact checkpoint"
+    except CheckpointError as err:
+        usable, why = False, str(err)
+    return None if usable else f"it holds this run with steps={old_steps}, which cannot be continued ({why})"
 
 
-def open_run_dir(run_dir: Path, cfg: RLConfig, identity: str, problems: list[Problem], world_size: int,
-                 environment: dict[str, Any], on_conflict: str = "refuse") -> RunLock:
-    """Lock ``run_dir`` and make it this run's: new, resumed (same identity), extended (only ``steps`` grew: its
-    ``DONE`` and ``summary.json`` are removed, the checkpoints kept), or, when it holds another run,
-    :class:`RunConflictError` (or, with ``on_conflict="move"``, the old run renamed to ``<name>.old-<time>``).
-    Writes ``config.json``; returns the held lock."""
+def open_run_dir(run_dir: Path, cfg: RLConfig, identity: str, lineage: str, problems: list[Problem],
+                 world_size: int, environment: dict[str, Any], on_conflict: str = "refuse") -> RunLock:
+    """Lock ``run_dir`` and make it this run's: new, resumed (same identity), extended (only ``steps`` grew and an
+    intact checkpoint exists: ``DONE`` and ``summary.json`` are removed, the rest kept), or, when it cannot be
+    this run's, :class:`RunConflictError` saying why, nothing changed (or, with ``on_conflict="move"``, the old
+    run renamed to ``<name>.old-<time>``). Writes ``config.json``; returns the held lock."""
     if on_conflict not in ON_CONFLICT:
         raise ValueError(f"on_conflict={on_conflict!r}; valid values are {ON_CONFLICT}")
     lock = RunLock(run_dir).acquire()
     try:
         stored = _read_json(run_dir / "config.json")
         occupied = any(p.name != lock.path.name for p in run_dir.iterdir())
-        if occupied and (stored is None or stored.get("digest") != identity):
-            old_steps = (stored or {}).get("config", {}).get("steps")
-            extended = isinstance(old_steps, int) and run_identity(cfg, problems, old_steps) == stored.get("digest")
-            if extended and old_steps < cfg.steps:
-                for name in ("DONE", "summary.json"):  # DONE first: from here on the run reads as incomplete
-                    (run_dir / name).unlink(missing_ok=True)
-            elif on_conflict == "move":
-                lock.moved(aside := _move_aside(run_dir))
-                warnings.warn(f"moved the run that was in {run_dir} to {aside}", stacklevel=2)
-                lock.release()
-                lock = RunLock(run_dir).acquire()
-            else:
-                raise RunConflictError(_conflict(run_dir, stored, cfg, extended))
+        problem = _why_not_continue(run_dir, stored, cfg, identity, lineage, problems) if occupied else None
+        if problem is not None and on_conflict == "move":
+            lock.moved(aside := _move_aside(run_dir))
+            warnings.warn(f"moved the run that was in {run_dir} to {aside}", stacklevel=2)
+            lock.release()
+            lock = RunLock(run_dir).acquire()
+        elif problem is not None:
+            raise RunConflictError(f"{run_dir}: {problem}; nothing was changed. Train under a new name (--set "
+                                   "name=...), or pass --move-aside (train(..., on_conflict='move')) to move the old "
+                                   f"run to {run_dir.name}.old-<time> and start this one")
+        elif occupied and stored.get("digest") != identity:  # extended: from here on the run reads as incomplete
+            for name in ("DONE", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
         with disk_errors(run_dir / "config.json"):
             write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
                                                  "world_size": world_size, "environment": environment})
@@ -311,7 +320,7 @@ def _verified(checkpoint: Path) -> dict[str, bytes]:
     if not (checkpoint / _MANIFEST).exists():
         if (checkpoint / "state.pt").exists():
             raise CheckpointError(f"{checkpoint} is a checkpoint of the old pickle format (state.pt), which is not "
-                                  "read because unpickling a file can run code; delete it (or the run) to retrain")
+                                  "read because unpickling a file can run code")
         raise CheckpointError(f"{checkpoint} has no {_MANIFEST}: not a complete checkpoint")
     manifest = _read_json(checkpoint / _MANIFEST)
     if manifest is None or not isinstance(manifest.get("files"), dict):

@@ -94,6 +94,10 @@ class RunLock:
                     raise RunLockedError(locked_message(self.run_dir, _read(self.path))) from None
                 time.sleep(0.05)
                 continue
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                os.close(fd)
+                raise OSError(err.errno, f"cannot lock {self.path}: its file system does not support file locks "
+                                         f"({err.strerror}); put runs_dir on a local disk") from None
             if os.fstat(fd).st_ino != _inode(self.path):  # released and unlinked by its holder meanwhile
                 os.close(fd)
                 continue

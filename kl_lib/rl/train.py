@@ -32,8 +32,11 @@
 The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
 adapters disabled (no second copy in memory). Everything a run produces lives in ``runs/rl/<name>/``:
 ``config.json``, ``metrics.jsonl`` (one line per step, namespaced keys), ``checkpoints/``, ``summary.json``
-and ``DONE`` (written last). An interrupted run resumes from its last checkpoint and produces the same metrics
-as an uninterrupted one (seeded per step; CPU). :class:`Hooks` let a benchmark observe a real run.
+and ``DONE`` (written last). An interrupted run resumes from its last intact checkpoint and produces the same
+metrics as an uninterrupted one (seeded per step; CPU); raising ``steps`` continues a finished run. A run directory
+is never deleted: one holding a run of another config is refused (or moved aside on request), one that another
+process trains is refused naming it (``kl_lib.rl.checkpoints``, ``kl_lib.rl.runlock``). :class:`Hooks` let a
+benchmark observe a real run.
 
 Departures from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``; unbiased
 either way); the model, task and scale are small (see ``kl_lib.tasks.arithmetic``).
@@ -264,22 +267,24 @@ def prepare(cfg: RLConfig, on_conflict: str = "refuse") -> Trainer | RunResult:
     fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
                     and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
                     and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
-    lock = _open_run_dir(cfg, ddp, run_dir, identity, problems, on_conflict)
-    return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, run_identity(cfg, problems, steps=1), lock,
-                   device, autocast_dtype, tokenizer, policy, ref, sampler, engine, trainable,
+    lineage = run_identity(cfg, problems, steps=1)
+    lock = _open_run_dir(cfg, ddp, run_dir, identity, lineage, problems, on_conflict)
+    return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, lineage, lock, device, autocast_dtype,
+                   tokenizer, policy, ref, sampler, engine, trainable,
                    torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
                    deque(maxlen=cfg.async_lag + 1), fixed_width, fuse_rollout)
 
 
-def _open_run_dir(cfg: RLConfig, ddp: distributed.Dist, run_dir: Path, identity: str, problems: list[Problem],
-                  on_conflict: str) -> contextlib.AbstractContextManager:
+def _open_run_dir(cfg: RLConfig, ddp: distributed.Dist, run_dir: Path, identity: str, lineage: str,
+                  problems: list[Problem], on_conflict: str) -> contextlib.AbstractContextManager:
     """Rank 0 opens the run directory (``checkpoints.open_run_dir``) and holds its lock; its error, if any, stops
     every process."""
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     error = None
     if ddp.is_main:
         try:
-            lock = open_run_dir(run_dir, cfg, identity, problems, ddp.world_size, environment_info(), on_conflict)
+            lock = open_run_dir(run_dir, cfg, identity, lineage, problems, ddp.world_size, environment_info(),
+                                on_conflict)
         except (RunConflictError, RunLockedError, OSError) as err:
             error = err
     if ddp.any(error is not None):
@@ -757,8 +762,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunConflictError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (DiskFullError, CheckpointError) as err:
+    except DiskFullError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:
+        print(f"error: {err}; train under a new name (--set name=...), or delete "
+              f"{Path(cfg.runs_dir) / cfg.run_name() / 'checkpoints'} to retrain the run from step 0", file=sys.stderr)
         return 1
     print(json.dumps({"run_dir": str(result.run_dir), "status": result.status, **result.summary}, indent=2))
     return 0

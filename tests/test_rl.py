@@ -21,7 +21,7 @@ from kl_lib.lm.models import (
     save_untrained_model,
 )
 from kl_lib.rl import losses
-from kl_lib.rl.checkpoints import run_identity
+from kl_lib.rl.checkpoints import RunConflictError, run_identity
 from kl_lib.rl.config import ADVANTAGES, POLICY_LOSSES, RLConfig, load_config
 from kl_lib.rl.rollout import (
     generate,
@@ -279,6 +279,50 @@ def test_resume_discards_metrics_written_after_the_last_checkpoint(tiny):
     assert len(_metrics(cfg_dir := (tiny[0] / "runs" / "truncate"))) == 3
     train(cfg, progress=False)
     assert [r["step"] for r in _metrics(cfg_dir)] == [0, 1, 2, 3]
+
+
+def test_more_steps_continue_a_finished_run_from_its_last_checkpoint(tiny):
+    """Raising ``steps`` keeps the run (same lineage: the identity with steps=1) and continues from its last
+    checkpoint: the first steps' lines are the old ones (their timings too: not retrained) and the whole equals an
+    uninterrupted run of the new length. Fewer steps than trained is refused. Checkpoints are safetensors + JSON."""
+    straight = train(_cfg(tiny, steps=4, name="straight"), progress=False)
+    short = train(_cfg(tiny, steps=2, name="extended"), progress=False)
+    assert short.status == "done"
+    first = _metrics(short.run_dir)
+    ckpt = short.run_dir / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["MANIFEST.json", "optimizer.safetensors",
+                                                      "snapshots.safetensors", "state.json", "trainable.safetensors"]
+    longer = _cfg(tiny, steps=4, name="extended")
+    result = train(longer, progress=False)
+    assert result.status == "done" and result.steps_completed == 4
+    rows = _metrics(result.run_dir)
+    assert rows[:2] == first and _strip_times(rows) == _strip_times(_metrics(straight.run_dir))
+    assert json.loads((result.run_dir / "config.json").read_text())["digest"] == run_identity(longer)
+    with pytest.raises(RunConflictError, match=r"holds this run with steps=4, and a run cannot be shortened to steps=3"):
+        train(_cfg(tiny, steps=3, name="extended"), progress=False)
+    assert train(longer, progress=False).status == "skipped"
+
+
+def test_resuming_an_off_policy_lora_run_restores_the_snapshots_and_the_optimizer(tiny):
+    """The async-lag snapshots and PPO's AdamW state of LoRA adapters survive the checkpoint round trip."""
+    kw = dict(steps=3, async_lag=2, policy_loss="ppo", ppo_minibatches=2, finetune="lora",
+              kl=KLConfig("k1", "loss", beta=1.0))
+    straight = train(_cfg(tiny, name="offpolicy-straight", **kw), progress=False)
+    cfg = _cfg(tiny, name="offpolicy-resumed", **kw)
+    assert train(cfg, stop_after=2, progress=False).status == "interrupted"  # step 2 samples from step 0's snapshot
+    assert _strip_times(_metrics(train(cfg, progress=False).run_dir)) == _strip_times(_metrics(straight.run_dir))
+
+
+def test_a_run_without_summary_is_incomplete_not_done(tiny):
+    """DONE without summary.json is not a finished run: it is resumed (from its final checkpoint, no step
+    retrained) and finished again, never reported as done with 0 steps."""
+    cfg = _cfg(tiny, steps=2, name="nosummary")
+    result = train(cfg, progress=False)
+    rows = _metrics(result.run_dir)
+    (result.run_dir / "summary.json").unlink()
+    again = train(cfg, progress=False)
+    assert again.status == "done" and again.steps_completed == 2 and _metrics(again.run_dir) == rows
+    assert json.loads((again.run_dir / "summary.json").read_text())["steps_completed"] == 2
 
 
 def test_divergence_is_recorded_and_the_run_exits_cleanly(tiny):

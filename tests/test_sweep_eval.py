@@ -1,6 +1,7 @@
 """The sweep file, the evaluation metrics and the run tables: expansion, validation, pass@k, caching."""
 
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -101,3 +102,41 @@ def test_evaluation_of_a_tiny_run_end_to_end_and_its_cache(tmp_path):
     assert summaries.loc[0, "id_test pass@1"] == run_eval["final"]["results"]["id_test"]["pass@1"]
     with pytest.raises(FileNotFoundError, match="make sweep"):
         load_runs(tmp_path / "data")
+
+
+def _fake_run(root, name, files, steps=2):
+    """A run directory written by hand: ``files`` among config, metrics, summary, DONE."""
+    d = root / name
+    d.mkdir(parents=True)
+    if "config" in files:
+        (d / "config.json").write_text(json.dumps({"config": RLConfig(name=name).to_dict(), "digest": "x"}))
+    if "metrics" in files:
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "reward/mean": 0.5}) + "\n"
+                                                 for i in range(steps)))
+    if "summary" in files:
+        (d / "summary.json").write_text(json.dumps({"status": "done", "steps_completed": steps}))
+    if "DONE" in files:
+        (d / "DONE").write_text("done\n")
+    return d
+
+
+def test_run_tables_report_only_finished_runs_and_survive_a_torn_line(tmp_path):
+    """A run is finished only with DONE, summary, metrics and config all there: missing any one it is incomplete,
+    never "done" (with 0 steps or otherwise); a moved-aside run is not a result; a torn last metrics line (a
+    crash mid-write) is dropped with a warning, a damaged earlier line names the file."""
+    everything = ("config", "metrics", "summary", "DONE")
+    _fake_run(tmp_path, "finished", everything)
+    for missing in everything:
+        _fake_run(tmp_path, f"no-{missing}", [f for f in everything if f != missing])
+    _fake_run(tmp_path, "finished.old-20250101-000000", everything)
+    (tmp_path / "no-summary" / "summary.json").write_text('{"status": "do')  # torn: unreadable, not finished
+    assert list(results_table(tmp_path)["run"]) == ["finished"]
+    assert "finished.old-20250101-000000" not in set(load_runs(tmp_path)["run"])
+    torn = tmp_path / "finished" / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 2, "rew')
+    with pytest.warns(UserWarning, match="metrics.jsonl:3: dropping a torn last line"):
+        df = load_runs(tmp_path, ["finished"])
+    assert list(df["step"]) == [0, 1]
+    torn.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"finished/metrics.jsonl:2 is not a metrics row"):
+        load_runs(tmp_path, ["finished"])

@@ -15,9 +15,13 @@ are evaluated with them; results cached in ``<run>/eval.json`` and ``<runs_dir>/
             control and is run once per seed, not once per β
 
 Runs are named deterministically (``RLConfig.run_name``) under ``<runs_dir>/``; a run whose directory holds
-``DONE`` with the same config digest is skipped, a changed one reruns, an interrupted one resumes. A run
-that raises is reported and the sweep goes on; the exit status is non-zero if any run failed (a diverged run
-is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with its status.
+``DONE`` with the same config digest is skipped, an interrupted one resumes, one whose ``steps`` grew continues
+from its last checkpoint, and a directory holding a run of another config is refused and left untouched (with
+``--move-aside`` it is renamed to ``<name>.old-<time>`` and the run starts; ``kl_lib.rl.checkpoints``). A run
+that another process is training (its directory is locked, ``kl_lib.rl.runlock``) is reported ``locked``, not
+trained twice. A run that raises is reported and the sweep goes on; the exit status is non-zero if any run
+failed or was locked (a diverged run is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with
+its status.
 
 On CPU each worker uses one thread: for a model of a million parameters, two single-threaded runs side by side
 finish much sooner than two-threaded runs one after the other.
@@ -44,7 +48,14 @@ from kl_lib.files import write_json
 from kl_lib.lm.evaluate import EvalSettings, evaluate_path
 from kl_lib.lm.sft import SMOKE, train_base_model
 from kl_lib.rl.checkpoints import evaluate_run
-from kl_lib.rl.config import RLConfig, apply_overrides, check_sweep_spec, from_dict, load_sweep_spec
+from kl_lib.rl.config import (
+    RLConfig,
+    apply_overrides,
+    check_sweep_spec,
+    from_dict,
+    load_sweep_spec,
+)
+from kl_lib.rl.runlock import RunLockedError
 from kl_lib.rl.train import train
 from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS
 from kl_lib.tasks.arithmetic import write_splits
@@ -95,36 +106,39 @@ def eval_settings(spec: dict[str, Any], smoke: bool = False) -> EvalSettings:
     return EvalSettings(**raw)
 
 
-def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
+def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None, on_conflict: str = "refuse") -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("KL_SWEEP_THREADS", "1")))
     cfg = from_dict(cfg_dict)
     start = time.time()
     try:
-        result = train(cfg, progress=False)
+        result = train(cfg, progress=False, on_conflict=on_conflict)
         if settings is not None and result.status in ("done", "skipped"):
             evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**{**settings, "task": cfg.task}))
         return {"name": cfg.run_name(), "status": result.status, "steps": result.steps_completed,
                 "seconds": time.time() - start}
+    except RunLockedError as err:  # another process trains it: reported, not trained twice
+        return {"name": cfg.run_name(), "status": "locked", "error": str(err), "seconds": time.time() - start}
     except Exception as err:  # noqa: BLE001 — one broken run must not stop the sweep; it is reported
         return {"name": cfg.run_name(), "status": "failed", "error": f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(), "seconds": time.time() - start}
 
 
 def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True,
-              settings: EvalSettings | None = None) -> list[dict[str, Any]]:
-    """Train (and, with ``settings``, evaluate) every run; returns one status record per run."""
+              settings: EvalSettings | None = None, on_conflict: str = "refuse") -> list[dict[str, Any]]:
+    """Train (and, with ``settings``, evaluate) every run; returns one status record per run (``status``: done,
+    skipped, diverged, failed, or locked by another process). ``on_conflict``: see ``kl_lib.rl.train.train``."""
     results = []
     evaluation = None if settings is None else dataclasses.asdict(settings)
     payloads = [c.to_dict() for c in configs]
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
     if jobs <= 1:
         for payload in payloads:
-            results.append(_run_one(payload, evaluation))
+            results.append(_run_one(payload, evaluation, on_conflict))
             bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
             bar.update()
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(_run_one, p, evaluation) for p in payloads]):
+            for fut in cf.as_completed([pool.submit(_run_one, p, evaluation, on_conflict) for p in payloads]):
                 results.append(fut.result())
                 bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
                 bar.update()
@@ -149,9 +163,12 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
 
     def complete(cfg: RLConfig) -> bool:
         d = runs_dir / cfg.run_name()
-        if not (d / "DONE").exists():
+        if not all((d / name).is_file() for name in ("DONE", "summary.json", "metrics.jsonl", "config.json")):
+            return False  # incomplete: the trainer resumes it (or skips it, if only the evaluation is missing)
+        try:
+            evaluated = (d / "eval.json").exists() and "final" in json.loads((d / "eval.json").read_text())
+        except ValueError:
             return False
-        evaluated = (d / "eval.json").exists() and "final" in json.loads((d / "eval.json").read_text())
         return (d / "DONE").read_text().strip() == "diverged" or evaluated
 
     todo = [c for c in configs if not complete(c)]
@@ -163,9 +180,10 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
     # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
     results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
-    failed = [r for r in results if r["status"] == "failed"]
+    failed = [r for r in results if r["status"] in ("failed", "locked")]
     if failed:
-        raise RuntimeError(f"smoke sweep: {len(failed)} run(s) failed, first: {failed[0]['name']}: {failed[0]['error']}")
+        raise RuntimeError(f"smoke sweep: {len(failed)} run(s) failed or locked by another process, first: "
+                           f"{failed[0]['name']}: {failed[0]['error']}")
     done = {r["name"] for r in results}
     records = results + [{"name": c.run_name(), "status": "skipped"} for c in configs if c.run_name() not in done]
     write_json(runs_dir / "sweep.json", {"sweep": str(sweep), "smoke": True,
@@ -181,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field in every run, e.g. --set runs_dir=runs/rl-test")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--move-aside", action="store_true",
+                        help="a run directory holding a run of another config is renamed to <name>.old-<time> and "
+                             "the run starts (by default it is reported as failed and left untouched)")
     args = parser.parse_args(argv)
     try:
         spec = load_sweep_spec(args.sweep)
@@ -207,15 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     for model in sorted({c.model for c in configs}):  # the base model, evaluated like the runs
         for runs_dir in runs_dirs:
             evaluate_path(model, data_dir, Path(runs_dir) / "base_eval.json", settings)
-    results = run_sweep(configs, jobs=args.jobs, settings=settings)
+    results = run_sweep(configs, jobs=args.jobs, settings=settings, on_conflict="move" if args.move_aside else "refuse")
     for runs_dir in runs_dirs:
         write_json(Path(runs_dir) / "sweep.json", {"sweep": args.sweep, "smoke": args.smoke, "runs": results})
     failed = [r for r in results if r["status"] == "failed"]
-    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "diverged", "failed")}
+    locked = [r for r in results if r["status"] == "locked"]
+    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "diverged", "failed", "locked")}
     print(f"sweep finished: {counts}")
     for r in failed:
         print(f"FAILED run {r['name']}: {r['error']}\n{r['traceback']}", file=sys.stderr)
-    return 1 if failed else 0
+    for r in locked:
+        print(f"LOCKED run {r['name']}: {r['error']}", file=sys.stderr)
+    return 1 if failed or locked else 0
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@
 The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
 adapters disabled (no second copy in memory). Everything a run produces lives in ``runs/rl/<name>/``:
 ``config.json``, ``metrics.jsonl`` (one line per step, namespaced keys), ``checkpoints/``, ``summary.json``
-and ``DONE`` (written last). An interrupted run resumes from its last checkpoint and produces the same metrics
-as an uninterrupted one (seeded per step; CPU). :class:`Hooks` let a benchmark observe a real run.
+and ``DONE`` (written last). An interrupted run resumes from its last intact checkpoint and produces the same
+metrics as an uninterrupted one (seeded per step; CPU); raising ``steps`` continues a finished run. A run directory
+is never deleted: one holding a run of another config is refused (or moved aside on request), one that another
+process trains is refused naming it (``kl_lib.rl.checkpoints``, ``kl_lib.rl.runlock``). :class:`Hooks` let a
+benchmark observe a real run.
 
 Departures from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``; unbiased
 either way); the model, task and scale are small (see ``kl_lib.tasks.arithmetic``).
@@ -62,7 +65,7 @@ from tqdm.auto import tqdm
 
 from kl_lib import objectives
 from kl_lib.estimators import analytic, get_estimator
-from kl_lib.files import environment_info, write_json
+from kl_lib.files import environment_info, write_json, write_text
 from kl_lib.lm.models import (
     add_lora,
     encode_prompts,
@@ -73,9 +76,16 @@ from kl_lib.lm.models import (
 from kl_lib.lm.presets import resolve
 from kl_lib.rl import distributed, vllm_backend
 from kl_lib.rl.checkpoints import (
-    latest_checkpoint,
-    load_checkpoint,
+    ON_CONFLICT,
+    CheckpointError,
+    DiskFullError,
+    RunConflictError,
+    disk_errors,
+    finished_summary,
     load_trainable,
+    open_run_dir,
+    read_metrics,
+    resume_point,
     run_identity,
     save_checkpoint,
     trainable_state,
@@ -91,6 +101,7 @@ from kl_lib.rl.rollout import (
     sample_with_logits,
     sampled_logprobs,
 )
+from kl_lib.rl.runlock import RunLockedError, lock_holder, locked_message
 from kl_lib.tasks import Problem, Task, get_task
 
 __all__ = ["Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models", "finish", "forward_logits",
@@ -129,22 +140,26 @@ class Hooks:
     """Rank 0 is about to save the checkpoint after this many steps."""
 
 
-def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, hooks: Hooks = Hooks()) -> RunResult:
-    """Run (or resume, or skip if already done) the configured training; returns where and how it ended.
+def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, hooks: Hooks = Hooks(),
+          on_conflict: str = "refuse") -> RunResult:
+    """Run (or resume, extend, or skip if already done) the configured training; returns where and how it ended.
 
     ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
-    Under a multi-process launch (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
+    ``on_conflict``: when the run directory holds another run, ``"refuse"`` (``RunConflictError``, nothing
+    changed) or ``"move"`` it aside to ``<name>.old-<time>`` (``kl_lib.rl.checkpoints.open_run_dir``). The run
+    directory is locked while this runs (``kl_lib.rl.runlock``). Under a multi-process launch
+    (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
     """
-    tr = prepare(cfg)
+    tr = prepare(cfg, on_conflict)
     if isinstance(tr, RunResult):
         return tr  # finished earlier with the same identity
-    hooks.after_setup(tr)
-    start_step, history = resume(tr)
-    status, reason = "done", None
-    bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", initial=start_step, total=cfg.steps,
-               disable=not progress or not tr.ddp.is_main, mininterval=2, file=sys.stderr)
-    metrics_path = tr.run_dir / "metrics.jsonl"
-    with open(metrics_path, "a") if tr.ddp.is_main else contextlib.nullcontext() as metrics_file:
+    with tr.lock:
+        hooks.after_setup(tr)
+        start_step, history = resume(tr)
+        status, reason = "done", None
+        bar = tqdm(range(start_step, cfg.steps), desc=cfg.run_name(), unit="step", initial=start_step,
+                   total=cfg.steps, disable=not progress or not tr.ddp.is_main, mininterval=2, file=sys.stderr)
+        metrics_path = tr.run_dir / "metrics.jsonl"
         for step in bar:
             t0 = time.perf_counter()
             hooks.before_rollout(tr, step)
@@ -159,8 +174,8 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, h
             upd = update(tr, batch, advantages, step)
             row = log_step(tr, step, batch, rewards, upd, t_generate, time.perf_counter() - t1, t0)
             if tr.ddp.is_main:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                with disk_errors(metrics_path), open(metrics_path, "a") as metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
             history.append(row)
             bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['kl/k1']:.3f}")
             if upd.diverged is not None:
@@ -170,13 +185,13 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, h
             if tr.ddp.is_main and (done_steps % cfg.checkpoint_every == 0 or done_steps == cfg.steps):
                 hooks.before_checkpoint(tr, done_steps)
                 save_checkpoint(tr.run_dir, done_steps, tr.policy, tr.optimizer, tr.snapshots, tr.identity,
-                                cfg.keep_checkpoints)
+                                tr.lineage, cfg.keep_checkpoints)
             if stop_after is not None and done_steps - start_step >= stop_after and done_steps < cfg.steps:
                 bar.close()
                 tr.ddp.barrier()
                 return RunResult(tr.run_dir, "interrupted", done_steps, {})
-    bar.close()
-    return finish(tr, history, status, reason)
+        bar.close()
+        return finish(tr, history, status, reason)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -195,6 +210,8 @@ class Trainer:
     shards: list[tuple[int, int]]  # this rank's [start, stop) prompt ranges, each a rollout shard with its seed
     run_dir: Path
     identity: str  # checkpoints.run_identity
+    lineage: str  # the identity with steps=1: what a checkpoint must match to be resumed (or extended)
+    lock: contextlib.AbstractContextManager  # the run directory's RunLock on rank 0
     device: torch.device
     autocast_dtype: torch.dtype | None
     tokenizer: Any
@@ -209,9 +226,12 @@ class Trainer:
     fuse_rollout: bool  # train on the sampling forward itself (see rollout_grad)
 
 
-def prepare(cfg: RLConfig) -> Trainer | RunResult:
-    """Check every input before any compute, open the run directory and build the models and the optimizer;
-    a :class:`RunResult` ``"skipped"`` instead when the run finished earlier with the same identity."""
+def prepare(cfg: RLConfig, on_conflict: str = "refuse") -> Trainer | RunResult:
+    """Check every input before any compute, build the models and the optimizer, then open (lock, check, write
+    ``config.json``) the run directory: nothing is written before the model, device and dtype are known to work.
+    A :class:`RunResult` ``"skipped"`` instead when the run finished earlier with the same identity."""
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f"on_conflict={on_conflict!r}; valid values are {', '.join(map(repr, ON_CONFLICT))}")
     resolve(cfg.model)  # FileNotFoundError for a missing local directory, ValueError for a malformed name
     if cfg.rollout_backend == "vllm":
         vllm_backend.check_available()
@@ -229,17 +249,11 @@ def prepare(cfg: RLConfig) -> Trainer | RunResult:
                          "(per process) must divide into whole updates and passes; lower them or use fewer processes")
     run_dir = Path(cfg.runs_dir) / cfg.run_name()
     identity = run_identity(cfg, problems)
-    if (run_dir / "DONE").exists() and json.loads((run_dir / "config.json").read_text()).get("digest") == identity:
-        summary = json.loads((run_dir / "summary.json").read_text())
+    summary = finished_summary(run_dir, identity)
+    if summary is not None:
         return RunResult(run_dir, "skipped", summary.get("steps_completed", 0), summary)
-    if ddp.is_main:
-        config = run_dir / "config.json"
-        if config.exists() and json.loads(config.read_text()).get("digest") != identity:
-            shutil.rmtree(run_dir)  # same name, changed config or data: start over
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "digest": identity,
-                                             "world_size": ddp.world_size, "environment": environment_info()})
-    ddp.barrier()
+    if ddp.is_main and (holder := lock_holder(run_dir)) is not None:  # before minutes of model loading
+        raise RunLockedError(locked_message(run_dir, holder))
 
     device, autocast_dtype = resolve_device(cfg, ddp.local_rank)
     tokenizer, policy, ref, sampler = build_models(cfg, device)
@@ -253,10 +267,29 @@ def prepare(cfg: RLConfig) -> Trainer | RunResult:
     fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
                     and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
                     and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
-    return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, device, autocast_dtype, tokenizer, policy,
-                   ref, sampler, engine, trainable,
+    lineage = run_identity(cfg, problems, steps=1)
+    lock = _open_run_dir(cfg, ddp, run_dir, identity, lineage, problems, on_conflict)
+    return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, lineage, lock, device, autocast_dtype,
+                   tokenizer, policy, ref, sampler, engine, trainable,
                    torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
                    deque(maxlen=cfg.async_lag + 1), fixed_width, fuse_rollout)
+
+
+def _open_run_dir(cfg: RLConfig, ddp: distributed.Dist, run_dir: Path, identity: str, lineage: str,
+                  problems: list[Problem], on_conflict: str) -> contextlib.AbstractContextManager:
+    """Rank 0 opens the run directory (``checkpoints.open_run_dir``) and holds its lock; its error, if any, stops
+    every process."""
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    error = None
+    if ddp.is_main:
+        try:
+            lock = open_run_dir(run_dir, cfg, identity, lineage, problems, ddp.world_size, environment_info(),
+                                on_conflict)
+        except (RunConflictError, RunLockedError, OSError) as err:
+            error = err
+    if ddp.any(error is not None):
+        raise error or RuntimeError(f"rank 0 could not open {run_dir}; see its error")
+    return lock
 
 
 def resolve_device(cfg: RLConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -307,22 +340,25 @@ def build_models(cfg: RLConfig, device: torch.device):
 
 
 def resume(tr: Trainer) -> tuple[int, list[dict[str, Any]]]:
-    """``(first step, metrics of the steps before it)``: from the last checkpoint of the same identity, if any."""
-    start_step = 0
-    ckpt = latest_checkpoint(tr.run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, tr.device)
-        if state["digest"] == tr.identity:
-            load_trainable(tr.policy, state["trainable"])
-            tr.optimizer.load_state_dict(state["optimizer"])
-            tr.snapshots.extend(state["snapshots"])
-            start_step = state["step"]
+    """``(first step, metrics of the steps before it)``: from the newest intact checkpoint of this run (same
+    lineage: an extended run continues from its last one) that the metrics reach, else from step 0.
+
+    A torn last line of ``metrics.jsonl`` is dropped; lines after the checkpoint are removed (rank 0).
+    """
     metrics_path = tr.run_dir / "metrics.jsonl"
+    rows = read_metrics(metrics_path)
+    reached = next((i for i, row in enumerate(rows) if row["step"] != i), len(rows))  # steps 0 … reached-1 logged
+    state = resume_point(tr.run_dir, tr.lineage, min(reached, tr.cfg.steps), tr.device)
+    start_step = 0
+    if state is not None:
+        load_trainable(tr.policy, state["trainable"])
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.snapshots.extend(state["snapshots"])
+        start_step = state["step"]
     if tr.ddp.is_main:
-        truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step, rows)
     tr.ddp.barrier()
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    return start_step, history
+    return start_step, rows[:start_step]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -689,12 +725,19 @@ def finish(tr: Trainer, history: list[dict[str, Any]], status: str, reason: str 
         if status == "done":
             tmp = tr.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tr.policy.save_pretrained(tmp)
-            tr.tokenizer.save_pretrained(tmp)
+            try:
+                with disk_errors(tmp):
+                    tr.policy.save_pretrained(tmp)
+                    tr.tokenizer.save_pretrained(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
-        write_json(tr.run_dir / "summary.json", summary)
-        (tr.run_dir / "DONE").write_text(status + "\n")
+        with disk_errors(tr.run_dir / "summary.json"):
+            write_json(tr.run_dir / "summary.json", summary)
+        with disk_errors(tr.run_dir / "DONE"):
+            write_text(tr.run_dir / "DONE", status + "\n")  # last: from here on the run is finished
     tr.ddp.barrier()
     return RunResult(tr.run_dir, status, len(history), summary)
 
@@ -705,13 +748,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set kl.estimator=k3 --set steps=50 (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--move-aside", action="store_true",
+                        help="if the run directory holds a run of another config, rename it to <name>.old-<time> "
+                             "and start this one (by default such a run is refused and left untouched)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg, progress=not args.no_progress)
+    try:
+        result = train(cfg, progress=not args.no_progress, on_conflict="move" if args.move_aside else "refuse")
+    except (RunConflictError, RunLockedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:
+        print(f"error: {err}; train under a new name (--set name=...), or delete "
+              f"{Path(cfg.runs_dir) / cfg.run_name() / 'checkpoints'} to retrain the run from step 0", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": str(result.run_dir), "status": result.status, **result.summary}, indent=2))
     return 0
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kl_lib.study.runs import load_runs, run_label
+from kl_lib.study.runs import is_finished, load_runs, read_json, run_dirs, run_label
 
 __all__ = [
     "SPLITS",
@@ -59,14 +59,9 @@ def setting_name(policy_loss: str, async_lag: int) -> str:
     return f"{'PPO' if policy_loss == 'ppo' else policy_loss} lag {async_lag}"
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _finished_runs(runs_dir: Path) -> list[Path]:
-    return sorted(d for d in runs_dir.iterdir()
-                  if d.is_dir() and (d / "DONE").exists() and (d / "summary.json").exists()
-                  and (d / "config.json").exists())
+    """Finished runs only (``kl_lib.study.runs.is_finished``): an incomplete one is never reported as done."""
+    return [d for d in run_dirs(runs_dir) if is_finished(d)]
 
 
 def results_table(runs_dir: str | Path) -> pd.DataFrame:
@@ -76,7 +71,7 @@ def results_table(runs_dir: str | Path) -> pd.DataFrame:
     for d in _finished_runs(runs_dir):
         cfg = json.loads((d / "config.json").read_text())["config"]
         summary = json.loads((d / "summary.json").read_text())
-        ev = _read_json(d / "eval.json") or {}
+        ev = read_json(d / "eval.json") or {}
         final = ev.get("final")
         diverged = summary["status"] == "diverged"
         row = {
@@ -111,7 +106,7 @@ def load_scores(runs_dir: str | Path, results: pd.DataFrame) -> tuple[dict[str, 
     """``(scores, base)``: ``scores[split][run]`` per-problem pass@1 of each run's final model (zeros for a
     diverged run, see the module docstring) and ``base[split]`` the base model's, from ``base_eval.json``."""
     runs_dir = Path(runs_dir)
-    base_record = _read_json(runs_dir / "base_eval.json")
+    base_record = read_json(runs_dir / "base_eval.json")
     if base_record is None:
         raise FileNotFoundError(f"{runs_dir / 'base_eval.json'} is missing; the sweep writes it (make sweep)")
     base = {split: _per_problem(base_record, split) for split in SPLITS}
@@ -132,11 +127,11 @@ def checkpoint_table(runs_dir: str | Path, results: pd.DataFrame) -> pd.DataFram
     ``step`` (training steps behind it), ``split``, ``pass@1``, ``greedy`` plus the configuration columns;
     the base model appears once per run as step 0 so that a line per run can start from it."""
     runs_dir = Path(runs_dir)
-    base_record = _read_json(runs_dir / "base_eval.json")
+    base_record = read_json(runs_dir / "base_eval.json")
     config_cols = ["run", "setting", "label", "beta", "seed", "async_lag"]
     rows = []
     for row in results.itertuples():
-        ev = _read_json(runs_dir / row.run / "eval.json") or {}
+        ev = read_json(runs_dir / row.run / "eval.json") or {}
         entries = dict(ev)
         if base_record is not None:
             entries["base"] = base_record

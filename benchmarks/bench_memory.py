@@ -199,24 +199,25 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if not with_ref:
             tr.ref = None  # no frozen copy either (full fine-tuning)
         models_built(tr)
-        t = time.perf_counter()
-        for step in range(cfg.steps):
-            batch = rl_train.rollout(tr, step)
-            _, advantages = rl_train.score(tr, batch)
-            roll, rows = batch.roll, torch.arange(batch.roll.response_ids.shape[0], device=device)
-            tr.optimizer.zero_grad(set_to_none=True)
-            if with_ref:
-                ref_logp, _ = rl_train.reference_logprobs(tr, roll, rows, cfg.group_size, full=False)
-            logp = sampled_logprobs(rl_train.forward_logits(tr, tr.policy, roll, rows, cfg.group_size),
-                                    roll.response_ids)
-            loss, _ = losses.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
-                                         cfg.aggregation)
-            if with_ref:
-                kl, _ = losses.kl_loss(cfg.kl, logp, ref_logp, roll.response_mask, behavior_logp=None, logprobs=None,
-                                       ref_logprobs=None, aggregation=cfg.aggregation)
-                loss = loss + kl
-            loss.backward()
-            rl_train.optimizer_step(tr, loss.detach(), step)
+        with tr.lock:  # released on exit, like train() does
+            t = time.perf_counter()
+            for step in range(cfg.steps):
+                batch = rl_train.rollout(tr, step)
+                _, advantages = rl_train.score(tr, batch)
+                roll, rows = batch.roll, torch.arange(batch.roll.response_ids.shape[0], device=device)
+                tr.optimizer.zero_grad(set_to_none=True)
+                if with_ref:
+                    ref_logp, _ = rl_train.reference_logprobs(tr, roll, rows, cfg.group_size, full=False)
+                logp = sampled_logprobs(rl_train.forward_logits(tr, tr.policy, roll, rows, cfg.group_size),
+                                        roll.response_ids)
+                loss, _ = losses.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
+                                             cfg.aggregation)
+                if with_ref:
+                    kl, _ = losses.kl_loss(cfg.kl, logp, ref_logp, roll.response_mask, behavior_logp=None, logprobs=None,
+                                           ref_logprobs=None, aggregation=cfg.aggregation)
+                    loss = loss + kl
+                loss.backward()
+                rl_train.optimizer_step(tr, loss.detach(), step)
         out["train_s"] = time.perf_counter() - t
         out["status"] = "done"
         out["peak_training_mib"] = probe.peak_mib()

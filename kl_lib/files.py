@@ -16,11 +16,13 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write", "write_json", "write_text", "file_digest", "config_digest", "current_umask",
-           "environment_info", "git_commit"]
+__all__ = ["atomic_write", "write_json", "write_text", "read_jsonl", "file_digest", "config_digest",
+           "current_umask", "environment_info", "git_commit"]
 
 
 @contextlib.contextmanager
@@ -62,6 +64,33 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+
+
+def read_jsonl(path: str | os.PathLike, is_row: Callable[[Any], bool] = lambda row: True,
+               what: str = "row") -> list[Any]:
+    """The JSON rows of a JSONL file that is appended to line by line (metrics of a run).
+
+    A torn last line (a crash or a full disk in the middle of a write) is dropped with a warning: what came
+    before it is intact. A bad line *before* the end means the file was damaged otherwise and raises
+    ``ValueError`` naming the file and line. ``is_row`` rejects parsed lines of the wrong shape the same way.
+    """
+    lines = Path(path).read_text(errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = is_row(row)
+        except ValueError:
+            ok = False
+        if not ok:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}:{number} is not a {what}; the file is damaged before its end")
+            warnings.warn(f"{path}:{number}: dropping a torn last line ({line[:60]!r})", stacklevel=2)
+            break
+        rows.append(row)
+    return rows
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""

@@ -6,6 +6,7 @@
 * ``vllm_backend``   the same with vLLM (optional, GPU only);
 * ``checkpoints``    run identity, trainable state, save / load / latest, metrics truncation on resume, loading a
                      checkpoint for evaluation (``load_checkpoint_model``, ``evaluate_run``);
+* ``runlock``        one process per run directory: a lock naming its holder, stale locks taken over;
 * ``distributed``    data-parallel helpers (rank-sharded rollouts, gradient all-reduce);
 * ``train``          the loop: resume, rollout, update, log, checkpoint;
 * ``sweep``          a grid of runs from one YAML file, each trained and evaluated once.

@@ -54,7 +54,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from kl_lib.files import atomic_write, file_digest, write_json
+from kl_lib.files import atomic_write, file_digest, read_jsonl, write_json
 from kl_lib.lm.evaluate import (
     EvalSettings,
     data_key,
@@ -391,22 +391,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     dropped with a warning, a damaged earlier line raises ``ValueError`` naming the file and line."""
     if not path.exists():
         return []
-    lines = path.read_text(errors="replace").split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("not a metrics row")  # noqa: TRY004 — caught right below
-        except ValueError:
-            if any(rest.strip() for rest in lines[number:]):
-                raise ValueError(f"{path}:{number} is not a metrics row; the file is damaged before its end") from None
-            warnings.warn(f"{path}:{number}: dropping a torn last line ({line[:60]!r})", stacklevel=2)
-            break
-        rows.append(row)
-    return rows
+    return read_jsonl(path, lambda row: isinstance(row, dict) and isinstance(row.get("step"), int), "metrics row")
 
 
 def truncate_metrics(path: Path, keep_below_step: int, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:

@@ -143,7 +143,7 @@ class RLConfig:
     checkpoint_every: int = 25
     """Save a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 1
-    """How many checkpoints to keep besides the final one."""
+    """Older checkpoints kept besides the newest (≥ 1, so a damaged newest one has an intact predecessor)."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``mps``."""
     dtype: str = "auto"
@@ -244,9 +244,9 @@ def _check_fields(cfg: RLConfig) -> None:
         raise ValueError(f"RLConfig.vllm_gpu_memory_utilization={_short(cfg.vllm_gpu_memory_utilization)} must be "
                          "a number in (0, 1)")
     for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "ppo_minibatches",
-                 "lora_rank", "checkpoint_every"):
+                 "lora_rank", "checkpoint_every", "keep_checkpoints"):
         _int_at_least(name, getattr(cfg, name), 1)
-    for name in ("seed", "async_lag", "keep_checkpoints", "rollout_shards", "micro_batch_size"):
+    for name in ("seed", "async_lag", "rollout_shards", "micro_batch_size"):
         _int_at_least(name, getattr(cfg, name), 0)
     for name in ("temperature", "lr", "clip_eps", "lora_alpha", "divergence_loss"):
         value = getattr(cfg, name)

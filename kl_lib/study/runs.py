@@ -15,13 +15,13 @@ runs (:func:`run_dirs`).
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from kl_lib.config import KLConfig
+from kl_lib.files import read_jsonl
 
 __all__ = ["is_finished", "load_runs", "metrics_rows", "read_json", "run_dirs", "run_label"]
 
@@ -52,19 +52,8 @@ def read_json(path: Path) -> dict | None:
 
 def metrics_rows(path: Path) -> list[dict]:
     """The rows of a ``metrics.jsonl``; a torn last line is dropped with a warning, a damaged earlier line raises
-    ``ValueError`` naming the file and line."""
-    lines = path.read_text(errors="replace").split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if any(rest.strip() for rest in lines[number:]):
-                raise ValueError(f"{path}:{number} is not a metrics row; the file is damaged before its end") from None
-            warnings.warn(f"{path}:{number}: dropping a torn last line ({line[:60]!r})", stacklevel=2)
-    return rows
+    ``ValueError`` naming the file and line (``kl_lib.files.read_jsonl``)."""
+    return read_jsonl(path, lambda row: isinstance(row, dict), "metrics row")
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
-from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np

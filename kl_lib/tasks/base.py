@@ -50,9 +50,23 @@ class Task:
 _REGISTRY: dict[str, Task] = {}
 
 
+def _declaration(task: Task) -> tuple:
+    """What a task's source declares; a module executed twice (``python -m kl_lib.tasks.arithmetic`` imports it as
+    ``kl_lib.tasks.arithmetic`` and runs it as ``__main__``) declares the same one twice."""
+    def code(f):
+        return getattr(f, "__code__", f)
+    return task.name, code(task.load), code(task.reward), task.splits, task.description, task.default_source
+
+
 def register(task: Task) -> Task:
-    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
-        raise ValueError(f"task {task.name!r} is already registered")
+    """Add ``task`` to the registry and return it; a second declaration of the same task (the module run again)
+    returns the first, and a different task under a registered name is an error."""
+    registered = _REGISTRY.get(task.name)
+    if registered is not None:
+        if _declaration(registered) != _declaration(task):
+            raise ValueError(f"task {task.name!r} is already registered (by {registered.reward.__module__}); "
+                             "give the new task another name")
+        return registered
     _REGISTRY[task.name] = task
     return task
 

@@ -7,8 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kl_lib.lm.models import build_tokenizer, format_prompt
-from kl_lib.tasks.arithmetic import (SKILLS, generate_split, load_dataset_split, load_split, parse_answer, reward,
-                                     write_splits)
+from kl_lib.tasks.arithmetic import (
+    SKILLS,
+    generate_split,
+    load_dataset_split,
+    load_split,
+    parse_answer,
+    reward,
+    write_splits,
+)
 
 SIZES = {"sft": 400, "rl_train": 200, "id_test": 50, "ood_test": 50}
 

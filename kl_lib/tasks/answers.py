@@ -111,7 +111,6 @@ def integer_reward(stated: str | None, answer: str, finished: bool) -> float:
 
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_BOX_COMMAND = re.compile(r"\\boxed|\\fbox")
 
 
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
@@ -158,11 +157,15 @@ def last_boxed(text: str) -> str | None:
     if not isinstance(text, str) or not any(cmd in text for cmd in _BOX_COMMANDS):
         return None
     pairs = _brace_pairs(text)
-    for match in reversed(list(_BOX_COMMAND.finditer(text))):
-        content = _box_content_at(text, match.start(), match.group(), pairs)
+    last = {command: text.rfind(command) for command in _BOX_COMMANDS}  # the last of each not yet tried
+    while True:
+        command = max(last, key=last.get)
+        if last[command] < 0:
+            return None
+        content = _box_content_at(text, last[command], command, pairs)
         if content is not None:
             return content
-    return None
+        last[command] = text.rfind(command, 0, last[command])
 
 
 def extract_gsm8k_reference(solution: str) -> str:
@@ -446,24 +449,30 @@ class _OutOfTime(BaseException):
     clauses cannot swallow it."""
 
 
-def _raise_out_of_time(signum, frame):
-    raise _OutOfTime
+_RETRY_SECONDS = 0.05  # after the deadline the timer fires again at this interval until the computation stops
 
 
 def _within_deadline(compute: Callable[[], bool], seconds: float) -> bool:
-    """``compute()`` in the main thread, stopped by ``SIGALRM`` after ``seconds``: False if stopped or if it
-    raises. An interval timer the caller had armed is re-armed afterwards with what was left of it."""
-    earlier_handler = signal.signal(signal.SIGALRM, _raise_out_of_time)
-    earlier_delay, earlier_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    """``compute()`` (a Python function) in the main thread, stopped by ``SIGALRM`` after ``seconds``: False if
+    stopped or if it raises. The timer keeps firing every ``_RETRY_SECONDS`` until ``compute`` has returned, since
+    one raise can be lost (an exception inside a garbage-collector callback is only printed), and it raises only
+    while ``compute`` is on the stack, so that the clean-up here cannot be interrupted. An interval timer the
+    caller had armed is re-armed afterwards with what was left of it."""
+    def stop(signum, frame):
+        while frame is not None:
+            if frame.f_code is compute.__code__:
+                raise _OutOfTime
+            frame = frame.f_back
+
+    earlier_handler = signal.signal(signal.SIGALRM, stop)
+    earlier_delay, earlier_interval = signal.setitimer(signal.ITIMER_REAL, seconds, _RETRY_SECONDS)
     start = time.monotonic()
     try:
-        try:
-            return bool(compute())
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        return bool(compute())
     except (_OutOfTime, Exception):  # noqa: BLE001  sympy may raise anything on a bad answer: not equivalent
         return False
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL if earlier_handler is None else earlier_handler)
         if earlier_delay > 0:
             left = max(earlier_delay - (time.monotonic() - start), 1e-3)

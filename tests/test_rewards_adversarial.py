@@ -81,9 +81,9 @@ def _check_all(text):
         _timed(fn, text, SYMBOLIC_BOUND_S)
 
 
-# The deadline's raise can land in hypothesis's garbage-collector callback, where Python only reports it (the timer
-# fires again, see answers._within_deadline); that report is not a failure.
-GC_CALLBACK_REPORT = pytest.mark.filterwarnings(
+# The deadline's raise can land in the garbage-collector callback hypothesis installs, where Python only reports it
+# (the timer fires again, see answers._within_deadline); that report is not a failure.
+pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <function gc_cumulative_time:pytest.PytestUnraisableExceptionWarning")
 
 # ----- adversarial text ----------------------------------------------------------------------------------------
@@ -105,14 +105,12 @@ ADVERSARIAL = st.one_of(
 )
 
 
-@GC_CALLBACK_REPORT
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ADVERSARIAL)
 def test_every_reward_and_answer_function_returns_on_adversarial_text(text):
     _check_all(text)
 
 
-@GC_CALLBACK_REPORT
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(_PIECES + list(_DIGITS)), max_size=60).map("".join),
        st.lists(st.sampled_from(_PIECES + list(_DIGITS)), max_size=60).map("".join))

@@ -76,6 +76,7 @@ MAX_NUMBER_DIGITS = 4000  # longest number parsed as a rational (Python's int() 
 MAX_SYMBOLIC_CHARS = 1000  # longest answer given to math-verify
 SYMBOLIC_SECONDS = 2.0  # time math-verify has for one comparison (parsing both answers and verifying)
 
+
 @functools.cache
 def _digit_table() -> dict[int, int]:
     """Every non-ASCII Unicode decimal digit (650 of them) -> its ASCII digit, for ``str.translate`` (built once)."""
@@ -111,8 +112,6 @@ def integer_reward(stated: str | None, answer: str, finished: bool) -> float:
 
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 
 

@@ -167,3 +167,8 @@ def test_reward_never_raises(text, finished):
 def test_evaluate_never_raises_on_expression_like_text(text):
     result = evaluate(text)
     assert result is None or isinstance(result[0], Fraction)
+
+
+def test_a_malformed_reference_answer_is_a_clear_error():
+    with pytest.raises(ValueError, match="must be the JSON of Problem.answer"):
+        reward("<answer>1 + 2</answer>", "46")

@@ -1,14 +1,24 @@
 """The arithmetic task family: deterministic splits, disjoint test sets, a verifier that never raises."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kl_lib.lm.models import build_tokenizer, format_prompt
-from kl_lib.tasks.arithmetic import (SKILLS, generate_split, load_dataset_split, load_split, parse_answer, reward,
-                                     write_splits)
+from kl_lib.tasks.arithmetic import (
+    SKILLS,
+    generate_split,
+    load_dataset_split,
+    load_split,
+    parse_answer,
+    reward,
+    write_splits,
+)
 
 SIZES = {"sft": 400, "rl_train": 200, "id_test": 50, "ood_test": 50}
 
@@ -106,3 +116,25 @@ def test_chat_arithmetic_reward_never_raises(text, finished):
     from kl_lib.tasks.chat_arithmetic import reward as chat_reward
 
     assert chat_reward(text, "12", finished) in (0.0, 1.0)
+
+
+# ---- the registry
+
+def test_a_task_module_runs_as_a_script(tmp_path):
+    """``python -m kl_lib.tasks.arithmetic`` executes the module twice (imported by the package, then as __main__):
+    the second declaration of the same task is not a conflict."""
+    sizes = [arg for split, n in SIZES.items() for arg in ("--size", f"{split}={n}")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-m", "kl_lib.tasks.arithmetic", "--out", str(tmp_path), *sizes],
+                          check=False, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "id_test.jsonl").read_bytes() == write_splits(tmp_path / "again", sizes=SIZES)["id_test"].read_bytes()
+
+
+def test_another_task_under_a_taken_name_is_an_error():
+    from kl_lib.tasks import Task, get_task, register
+
+    task = get_task("arithmetic")
+    assert register(task) is task
+    with pytest.raises(ValueError, match="'arithmetic' is already registered"):
+        register(Task(name="arithmetic", load=task.load, reward=task.reward, description="something else"))

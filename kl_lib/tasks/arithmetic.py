@@ -13,9 +13,10 @@ that shares its format and digit-by-digit structure, so that RL can help or hurt
 generalisation a KL term is supposed to protect. (A mixed-width addition skill was tried as a second
 out-of-domain skill and dropped: the base model scored 0 on it, leaving nothing for a KL term to protect.)
 
-Reward (:func:`reward`): 1 if the response, up to the end-of-sequence marker, is exactly the answer's digits
-(surrounding spaces allowed), else 0. Malformed, empty or truncated responses (no end marker) score 0; the
-function never raises on model output.
+Reward (:func:`reward`): 1 if the response, up to the end-of-sequence marker, is exactly the answer's integer
+(surrounding spaces and leading zeros allowed; digits in any Unicode script count as theirs, as in every task,
+see :mod:`kl_lib.tasks.answers`), else 0, compared as digit strings, so exactly at any length. Malformed, empty or
+truncated responses (no end marker) score 0; the function never raises on model output.
 
 Departure from the paper: MATH problems and boxed answers are replaced by integer arithmetic that a 1M-parameter
 model can learn on a CPU; the structure (in-domain RL task, held-out in-domain test, out-of-domain skills
@@ -26,17 +27,18 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from kl_lib.tasks.answers import MAX_NUMBER_DIGITS, canonical_integer, integer_reward
 from kl_lib.tasks.base import (
     Problem,
-    Task,
     draw_distinct,
+    file_task,
     read_problems,
     register,
     write_disjoint_splits,
+    write_splits_main,
 )
 
 __all__ = [
@@ -71,6 +73,8 @@ SKILLS = {
     "sub3": lambda rng: _sub(rng, 100, 999),
 }
 
+DEFAULT_DIR = "data/arithmetic"
+
 # split name -> (size, {skill: weight}); sizes are the defaults of write_splits.
 SPLITS: dict[str, tuple[int, dict[str, float]]] = {
     "sft": (40_000, {"add2": 0.48, "sub2": 0.48, "add3": 0.02, "sub3": 0.02}),
@@ -103,10 +107,11 @@ def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: I
                          key=lambda p: p.prompt, exclude=exclude)
 
 
-def write_splits(data_dir: str | os.PathLike = "data/arithmetic", seed: int = 0,
+def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,
                  sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write every split as ``<data_dir>/<split>.jsonl`` (atomically); test splits first, then disjoint training."""
-    return write_disjoint_splits(data_dir, ("id_test", "ood_test", "rl_train", "sft"), generate_split, lambda p: p.prompt, seed, sizes)
+    return write_disjoint_splits(data_dir, ("id_test", "ood_test", "rl_train", "sft"), generate_split,
+                                 lambda p: p.prompt, seed, sizes)
 
 
 def load_split(path: str | os.PathLike) -> list[Problem]:
@@ -122,48 +127,27 @@ def load_dataset_split(path: str | os.PathLike):
     return datasets.Dataset.from_json(str(path))
 
 
-_ANSWER = re.compile(r"^\s*(-?\d+)\s*$")
-
-
 def parse_answer(response: str) -> int | None:
-    """The integer the response states, or None if it is not exactly one integer (spaces allowed)."""
-    if not isinstance(response, str):
-        return None
-    match = _ANSWER.match(response)
-    return int(match.group(1)) if match else None
+    """The integer the response states, or None if it is not exactly one integer (spaces allowed; any Unicode
+    decimal digits, see :mod:`kl_lib.tasks.answers`) or has over ``MAX_NUMBER_DIGITS`` digits."""
+    text = canonical_integer(response)
+    return int(text) if text is not None and len(text) <= MAX_NUMBER_DIGITS else None
 
 
 def reward(response: str, answer: str, finished: bool = True) -> float:
-    """1.0 for a finished response that states exactly the answer, else 0.0; never raises."""
-    if not finished:
-        return 0.0
-    value = parse_answer(response)
-    try:
-        return float(value is not None and value == int(answer))
-    except (TypeError, ValueError):
-        return 0.0
+    """1.0 for a finished response that states exactly the answer, else 0.0; exact at any length, never raises."""
+    return integer_reward(response, answer, finished)
 
 
-DEFAULT_DIR = "data/arithmetic"
-
-TASK = register(Task(
-    name="arithmetic",
-    load=lambda split, source: load_split(Path(source or DEFAULT_DIR) / f"{split}.jsonl"),
-    reward=lambda response, problem, finished: reward(response, problem.answer, finished),
+TASK = register(file_task(
+    "arithmetic", load_split, reward,
     description="3-digit addition (in-domain) and subtraction (out-of-domain) for the tiny SFT model",
-    default_source=DEFAULT_DIR,
+    default_dir=DEFAULT_DIR,
 ))
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the arithmetic task splits as JSONL.")
-    parser.add_argument("--out", default="data/arithmetic")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name, path in write_splits(args.out, seed=args.seed).items():
-        print(f"{name:9s} {len(load_split(path)):6d} problems -> {path}")
+    write_splits_main(argv, "Write the arithmetic task splits as JSONL.", DEFAULT_DIR, write_splits)
 
 
 if __name__ == "__main__":

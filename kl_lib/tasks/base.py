@@ -5,6 +5,7 @@ See ``kl_lib.tasks`` for what a task is; the tasks themselves live in the siblin
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from kl_lib.files import atomic_write
 
-__all__ = ["SPLIT_NAMES", "Problem", "Task", "draw_distinct", "get_task", "problems_digest", "read_problems", "register",
-           "task_names", "write_disjoint_splits", "write_problems"]
+__all__ = ["SPLIT_NAMES", "Problem", "Task", "answer_reward", "draw_distinct", "file_task", "get_task", "problems_digest",
+           "read_problems", "register", "task_names", "write_disjoint_splits", "write_problems", "write_splits_main"]
 
 SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
 
@@ -47,12 +48,38 @@ class Task:
         return self.load(split, source)
 
 
+def answer_reward(reward: Callable[[str, str, bool], float]) -> Callable[[str, Problem, bool], float]:
+    """A task's ``reward(response, problem, finished)`` from one that scores against ``problem.answer``."""
+    return lambda response, problem, finished: reward(response, problem.answer, finished)
+
+
+def file_task(name: str, load_split: Callable[[Path], list[Problem]], reward: Callable[[str, str, bool], float],
+              description: str, default_dir: str) -> Task:
+    """A task whose splits are the files ``<source or default_dir>/<split>.jsonl`` (read by ``load_split``) and
+    whose ``reward(response, answer, finished)`` scores against ``Problem.answer``."""
+    return Task(name=name, load=lambda split, source: load_split(Path(source or default_dir) / f"{split}.jsonl"),
+                reward=answer_reward(reward), description=description, default_source=default_dir)
+
+
 _REGISTRY: dict[str, Task] = {}
 
 
+def _declaration(task: Task) -> tuple:
+    """What a task's source declares; a module executed twice (``python -m kl_lib.tasks.arithmetic`` imports it as
+    ``kl_lib.tasks.arithmetic`` and runs it as ``__main__``) declares the same one twice."""
+    def code(f):
+        return getattr(f, "__code__", f)
+    return task.name, code(task.load), code(task.reward), task.splits, task.description, task.default_source
+
+
 def register(task: Task) -> Task:
-    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
-        raise ValueError(f"task {task.name!r} is already registered")
+    """Add ``task`` to the registry and return it; a second declaration of the same task (the module run again)
+    returns the first, and a different task under a registered name is an error."""
+    registered = _REGISTRY.get(task.name)
+    if registered is not None:
+        if _declaration(registered) != _declaration(task):
+            raise ValueError(f"task {task.name!r} is already registered; give the new task another name")
+        return registered
     _REGISTRY[task.name] = task
     return task
 
@@ -135,3 +162,23 @@ def write_disjoint_splits(data_dir: str | os.PathLike, order: tuple[str, ...],
         seen.update(key(p) for p in problems)
         out[name] = write_problems(Path(data_dir) / f"{name}.jsonl", problems)
     return out
+
+
+def write_splits_main(argv: list[str] | None, description: str, default_dir: str,
+                      write_splits: Callable[..., dict[str, Path]]) -> None:
+    """The command line of a generated task: ``--out DIR --seed N [--size SPLIT=N ...]`` calls
+    ``write_splits(out, seed=, sizes=)`` and prints each split's size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=default_dir)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", action="append", default=[], metavar="SPLIT=N",
+                        help="override a split's size, e.g. --size rl_train=1000 (repeatable)")
+    args = parser.parse_args(argv)
+    sizes = {}
+    for item in args.size:
+        name, _, number = item.partition("=")
+        if not number.isdigit():
+            parser.error(f"--size expects SPLIT=N, got {item!r}")
+        sizes[name] = int(number)
+    for name, path in write_splits(args.out, seed=args.seed, sizes=sizes).items():
+        print(f"{name:9s} {len(path.read_text().splitlines()):6d} problems -> {path}")

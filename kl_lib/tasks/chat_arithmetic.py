@@ -12,7 +12,9 @@ a fixed seed, 70 for ``rl_train`` and 30 held out as ``id_test``; ``ood_test`` i
 ``a − b`` with a ≥ b (55 problems): the same format, an operation RL does not train.
 
 Reward: 1 when the response ends with the end-of-turn token within the budget and its *last* integer is the
-answer (models write "7 + 5 = 12", so the first number is an operand); else 0. Never raises.
+answer (models write "7 + 5 = 12", so the first number is an operand), compared as digit strings (exact at any
+length; digits in any Unicode script count as theirs, as in every task, see :mod:`kl_lib.tasks.answers`); else 0.
+Never raises.
 
 Departure from the paper: MATH is far beyond a 135 M-parameter model; this keeps the structure (a verifiable
 in-domain task the model partly knows, an out-of-domain one it also partly knows) at a size that trains on a CPU.
@@ -23,7 +25,13 @@ from __future__ import annotations
 import random
 import re
 
-from kl_lib.tasks.base import Problem, Task, register
+from kl_lib.tasks.answers import (
+    MAX_NUMBER_DIGITS,
+    ascii_digits,
+    canonical_integer,
+    integer_reward,
+)
+from kl_lib.tasks.base import Problem, Task, answer_reward, register
 
 __all__ = ["PROMPT", "last_integer", "make_splits", "reward"]
 
@@ -44,23 +52,21 @@ def make_splits(seed: int = 0) -> dict[str, list[Problem]]:
     return {"rl_train": add(sums[:70]), "id_test": add(sums[70:]), "ood_test": subs}
 
 
+def _last_integer_text(response: str) -> str | None:
+    found = _INTEGER.findall(ascii_digits(response)) if isinstance(response, str) else []
+    return found[-1] if found else None
+
+
 def last_integer(response: str) -> int | None:
-    """The last integer written in the response, or None."""
-    if not isinstance(response, str):
-        return None
-    found = _INTEGER.findall(response)
-    return int(found[-1]) if found else None
+    """The last integer written in the response (any Unicode decimal digits), or None; None too if it has over
+    ``MAX_NUMBER_DIGITS`` digits."""
+    text = canonical_integer(_last_integer_text(response))
+    return int(text) if text is not None and len(text) <= MAX_NUMBER_DIGITS else None
 
 
 def reward(response: str, answer: str, finished: bool = True) -> float:
-    """1.0 for a finished response whose last integer is the answer, else 0.0; never raises."""
-    if not finished:
-        return 0.0
-    value = last_integer(response)
-    try:
-        return float(value is not None and value == int(answer))
-    except (TypeError, ValueError):
-        return 0.0
+    """1.0 for a finished response whose last integer is the answer, else 0.0; exact at any length, never raises."""
+    return integer_reward(_last_integer_text(response), answer, finished)
 
 
 def _load(split: str, source: str | None) -> list[Problem]:
@@ -73,6 +79,6 @@ def _load(split: str, source: str | None) -> list[Problem]:
 TASK = register(Task(
     name="chat_arithmetic",
     load=_load,
-    reward=lambda response, problem, finished: reward(response, problem.answer, finished),
+    reward=answer_reward(reward),
     description="single-digit sums (in-domain) and differences (out-of-domain) in plain English, for chat LMs",
 ))

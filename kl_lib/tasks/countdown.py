@@ -17,8 +17,9 @@ identified by (multiset of numbers, target); ``write_splits`` draws the test spl
 disjoint from them.
 
 Verifier (:func:`reward`): the expression is the content of the last ``<answer>…</answer>`` (else the last
-``\boxed{}``), with ``×``/``\times``/``\cdot`` read as ``*``, ``÷``/``\div`` as ``/``, ``−`` as ``-``, ``$`` dropped
-and anything from the first ``=`` on ignored. It is parsed with ``ast`` (never ``eval``), at most
+``\boxed{}``), with ``×``/``\times``/``\cdot`` read as ``*``, ``÷``/``\div`` as ``/``, ``−`` as ``-``, ``$`` dropped,
+digits in any Unicode script as their ASCII digits (as in every task, see :mod:`kl_lib.tasks.answers`) and anything
+from the first ``=`` on ignored. It is parsed with ``ast`` (never ``eval``), at most
 :data:`MAX_EXPRESSION_CHARS` characters, and only integer literals, binary ``+ - * /``, unary ``+ -`` and
 parentheses are allowed (no names, calls, powers or floats), so it cannot run code or hang. It is evaluated in
 exact ``fractions.Fraction`` arithmetic; division by zero, a number used the wrong number of times, or a value
@@ -42,15 +43,16 @@ from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
+from kl_lib.tasks.answers import ascii_digits, last_boxed
 from kl_lib.tasks.base import (
     Problem,
-    Task,
     draw_distinct,
+    file_task,
     read_problems,
     register,
     write_disjoint_splits,
+    write_splits_main,
 )
-from kl_lib.tasks.answers import last_boxed
 
 __all__ = ["DEFAULT_DIR", "MAX_EXPRESSION_CHARS", "NUMBER_RANGE", "SPLITS", "TARGET_RANGE", "evaluate",
            "extract_expression", "generate_split", "load_split", "main", "make_problem", "reward", "verify",
@@ -151,6 +153,7 @@ def extract_expression(response: str) -> str | None:
     cleaned as the module docstring says; None if there is none."""
     if not isinstance(response, str):
         return None
+    response = ascii_digits(response)
     close = response.rfind("</answer>")
     open_ = response.rfind("<answer>", 0, close) if close >= 0 else -1
     if open_ >= 0:
@@ -212,42 +215,30 @@ def verify(expression: str, numbers: Sequence[int], target: int) -> bool:
 
 def reward(response: str, answer: str, finished: bool = True) -> float:
     """1.0 if a finished response's expression solves the problem in ``answer`` (the JSON of ``Problem.answer``),
-    else 0.0; never raises on model output."""
+    else 0.0; never raises on model output (a malformed ``answer`` is a ValueError that says so)."""
     if not finished:
         return 0.0
     expression = extract_expression(response)
     if expression is None:
         return 0.0
-    data = json.loads(answer)
-    return float(verify(expression, data["numbers"], data["target"]))
+    try:
+        data = json.loads(answer)
+        numbers, target = data["numbers"], data["target"]
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"a Countdown reference answer must be the JSON of Problem.answer, "
+                         f'{{"numbers": [...], "target": n, ...}}; got {str(answer)[:80]!r} ({err})') from err
+    return float(verify(expression, numbers, target))
 
 
-TASK = register(Task(
-    name="countdown",
-    load=lambda split, source: load_split(Path(source or DEFAULT_DIR) / f"{split}.jsonl"),
-    reward=lambda response, problem, finished: reward(response, problem.answer, finished),
+TASK = register(file_task(
+    "countdown", load_split, reward,
     description="Countdown: 3-4 numbers (RL and in-domain test), 5 numbers (out-of-domain); the off-policy task",
-    default_source=DEFAULT_DIR,
+    default_dir=DEFAULT_DIR,
 ))
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the Countdown task splits as JSONL.")
-    parser.add_argument("--out", default=DEFAULT_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", action="append", default=[], metavar="SPLIT=N",
-                        help="override a split's size, e.g. --size rl_train=1000 (repeatable)")
-    args = parser.parse_args(argv)
-    sizes = {}
-    for item in args.size:
-        name, _, number = item.partition("=")
-        if not number.isdigit():
-            parser.error(f"--size expects SPLIT=N, got {item!r}")
-        sizes[name] = int(number)
-    for name, path in write_splits(args.out, seed=args.seed, sizes=sizes).items():
-        print(f"{name:9s} {len(path.read_text().splitlines()):6d} problems -> {path}")
+    write_splits_main(argv, "Write the Countdown task splits as JSONL.", DEFAULT_DIR, write_splits)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kl_lib.files import atomic_write
-from kl_lib.tasks.base import Problem, Task, register
 from kl_lib.tasks.answers import (
     extract_answer,
     extract_choice,
@@ -57,6 +56,7 @@ from kl_lib.tasks.answers import (
     is_equivalent,
     last_boxed,
 )
+from kl_lib.tasks.base import Problem, Task, register
 
 if TYPE_CHECKING:
     import datasets

@@ -1,6 +1,6 @@
 """What a KL configuration is: which estimator, where it enters the objective, and how it is weighted.
 
-A configuration is the tuple (estimator, placement, β, reward_to_go, importance_weighting) of DESIGN.md §3:
+A configuration is the tuple (estimator, placement, β, reward_to_go, importance_weighting) of docs/contract.md §3:
 
 * ``placement="reward"``: β·sg(Σ_t k_t) enters the reward as a detached penalty. Only the score-function
   part of ∇E[Σ_t k_t] survives.
@@ -11,7 +11,7 @@ A configuration is the tuple (estimator, placement, β, reward_to_go, importance
 * ``importance_weighting``: ``"token"`` multiplies each token's term by ω_t = π_θ/μ (differentiable),
   ``"sequence"`` multiplies the sequence's term by sg(Π_t ω_t); both are 1 on-policy.
 
-``log_ratio_clamp`` (not in DESIGN.md's signature, default off) is the explicit, reported clamp of δ that
+``log_ratio_clamp`` (an addition to the signature of docs/contract.md §3, default off) is the explicit, reported clamp of δ that
 some libraries apply silently; it exists so that their behaviour can be studied, not as a recommendation.
 
 ``KLSetting`` (a ``KLConfig`` with more fields, every default reproducing the plain configuration) expresses the
@@ -81,7 +81,7 @@ def is_finite_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """One way of putting a KL estimate into the RL objective (DESIGN.md §3)."""
+    """One way of putting a KL estimate into the RL objective (docs/contract.md §3)."""
 
     estimator: str = "k1"
     """Which per-token estimate k_t: ``"k1"``, ``"k2"``, ``"k3"`` or ``"analytic"`` (full-vocabulary KL)."""

@@ -1,5 +1,5 @@
 """The RL engine on a tiny random Llama saved and loaded like a hub model: rollouts, the KL gradient of every
-configuration on a real LM against DESIGN.md's per-token formula, resumption, divergence, LoRA, off-policy and
+configuration on a real LM against docs/contract.md's per-token formula, resumption, divergence, LoRA, off-policy and
 micro-batches (the same run in passes of one prompt group)."""
 
 import contextlib
@@ -167,7 +167,7 @@ def test_kl_loss_is_kl_terms_loss(cfg, aggregation):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The KL gradient on a real LM, for a fixed batch, against DESIGN.md §3 written per token
+# The KL gradient on a real LM, for a fixed batch, against docs/contract.md §3 written per token
 # --------------------------------------------------------------------------------------------------------------
 
 CONFIGS = [KLConfig(e, p, beta=0.3, reward_to_go=r, importance_weighting=w)
@@ -182,7 +182,7 @@ def _derivative(estimator, delta):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
 def test_kl_gradient_on_the_lm_matches_the_per_token_formula(tiny, cfg):
-    """∇ of objectives.kl_term through the model equals ∇ Σ_t sg(w_t) log π(y_t) with w_t from DESIGN.md §3:
+    """∇ of objectives.kl_term through the model equals ∇ Σ_t sg(w_t) log π(y_t) with w_t from docs/contract.md §3:
     reward: β c_t (× ω_t for token weights); loss: β dk/dδ (token weights: β ω_t (k_t + dk/dδ)); × W for sequence."""
     _, model_dir = tiny
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)

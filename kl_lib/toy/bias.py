@@ -58,7 +58,7 @@ _ZERO_NORM = 1e-12  # below this an expected gradient counts as the zero vector 
 
 
 def figure2_configs(beta: float = 1.0) -> list[KLConfig]:
-    """The on-policy configurations of notebook 02 (DESIGN.md §4's table plus reward-to-go variants)."""
+    """The on-policy configurations of notebook 02 (docs/contract.md §4's table plus reward-to-go variants)."""
     specs = [("k1", "reward", False), ("k1", "reward", True), ("k1", "loss", False), ("k2", "loss", False),
              ("k3", "reward", False), ("k3", "loss", False), ("k3", "both", False), ("k3", "both", True),
              ("analytic", "reward", False), ("analytic", "loss", False), ("analytic", "both", False),

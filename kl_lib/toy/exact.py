@@ -4,7 +4,7 @@ Everything is computed in float64, by exhaustive enumeration of all V^T sequence
 policy when ``method="enumerate"``) or by dynamic programming over (position, previous token)
 (``MarkovPolicy``, the default for it), and nothing here re-derives a configuration's gradient by hand:
 
-* **Expected gradient of a configuration** (DESIGN.md §3): E_{y~μ}[g(y)] with g(y) = ∇_θ L(y), L the
+* **Expected gradient of a configuration** (docs/contract.md §3): E_{y~μ}[g(y)] with g(y) = ∇_θ L(y), L the
   per-sequence loss term of ``kl_lib.objectives``. By enumeration it is ∇_θ Σ_y sg(μ(y)) L(y; θ): the very
   same ``objectives.kl_term`` the RL trainer calls, with the exact sequence probabilities as sample weights.
   By DP it uses the same split ``objectives`` exposes: L(y) = β Σ_t [sg(c_t(y)) u_t + v_t k_t] where only the
@@ -14,7 +14,7 @@ policy when ``method="enumerate"``) or by dynamic programming over (position, pr
   and u, vk are evaluated by ``objectives.estimate`` / ``objectives.token_factors`` on the (t, a, v) grid.
 * **True gradients** ∇KL(π‖π_ref) and ∇KL(π_ref‖π) of the sequence-level divergences, by autograd through
   the exact divergence (enumerated, or through the DP's differentiable marginals).
-* **Myopic gradients** M and F (DESIGN.md §4): Σ_t ∇ KL(π(·|s_t)‖π_ref(·|s_t)) and its forward twin, with the
+* **Myopic gradients** M and F (docs/contract.md §4): Σ_t ∇ KL(π(·|s_t)‖π_ref(·|s_t)) and its forward twin, with the
   states s_t drawn from a given policy and held fixed.
 * **One-sample variance** tr Cov[g(y)] = E‖g‖² − ‖E g‖². Per-sequence gradients come cheaply because a
   sequence reads each parameter row at most once (``policy.param_rows``): the gradient of Σ_y L(y) w.r.t. the

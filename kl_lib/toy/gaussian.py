@@ -1,7 +1,7 @@
 """Schulman's Gaussian experiment: bias and spread of the KL estimators k1, k2, k3, by Monte Carlo and exactly.
 
 Setting (J. Schulman, "Approximating KL divergence", 2020). Samples x ~ q = N(0, 1), reference p = N(μ, 1),
-target KL(q ‖ p) = μ²/2. In the notation of DESIGN.md q plays π_θ and p plays π_ref, so that
+target KL(q ‖ p) = μ²/2. In the notation of docs/contract.md q plays π_θ and p plays π_ref, so that
 
     logp = log q(x),   ref_logp = log p(x),   δ = logp − ref_logp = −log r,   r = p(x)/q(x) = ρ,
 

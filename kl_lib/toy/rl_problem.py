@@ -3,9 +3,9 @@
 Problem. Sequences y ∈ {0..V−1}^T, a fixed reward R(y) (a vector over all V**T sequences, in
 ``exact.all_sequences`` order), a reference π_ref and a coefficient β > 0:
 
-    J(π) = E_{y~π}[R(y)] − β · KL(π ‖ π_ref)                    (sequence-level reverse KL, DESIGN.md §1)
+    J(π) = E_{y~π}[R(y)] − β · KL(π ‖ π_ref)                    (sequence-level reverse KL, docs/contract.md §1)
 
-Optimum. Over all distributions on sequences (Gibbs variational principle, DESIGN.md §4):
+Optimum. Over all distributions on sequences (Gibbs variational principle, docs/contract.md §4):
 
     π*(y) = π_ref(y) · exp(R(y)/β) / Z,     Z = Σ_y π_ref(y) exp(R(y)/β),     J(π*) = β log Z,
 

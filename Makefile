@@ -173,12 +173,12 @@ env = report["environment"]
 pins = sorted(
     (re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(), item["metadata"]["version"].split("+")[0])
     for item in report["install"]
-    if not item.get("is_direct") and not re.match(r"nvidia-|triton$$", item["metadata"]["name"].lower())
+    if not item.get("is_direct") and not re.match(r"nvidia-|cuda-|triton$$", item["metadata"]["name"].lower())
 )
 print("# Exact versions of kl_lib's dependency closure: pyproject.toml's dependencies plus the notebooks and test")
 print("# extras. `make env` installs with `-c` (a constraints file), so a package appears only where something")
-print("# requires it; torch's CUDA-only wheels (nvidia-*, triton) and local build labels (+cpu) are left out, so the")
-print("# same file serves CPU and CUDA machines. Refresh with `make lock` (the newest versions pyproject allows).")
+print("# requires it; torch's CUDA-only wheels (nvidia-*, cuda-*, triton) and local labels (+cpu) are left out, so")
+print("# the same file serves CPU and CUDA machines. Refresh with `make lock` (the newest versions pyproject allows).")
 print(f"# Resolved with {env['implementation_name']} {env['python_full_version']} on {env['sys_platform']} {env['platform_machine']}.")
 print("\n".join(f"{name}=={version}" for name, version in pins))
 endef

@@ -95,7 +95,7 @@ def test_lock_satisfies_pyproject() -> None:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req} (pyproject.toml) is not in {LOCK.name}: run `make lock`"
         assert req.specifier.contains(pins[name], prereleases=True), f"{LOCK.name} pins {name}=={pins[name]}, pyproject says {req}"
-    cuda_only = sorted(n for n in pins if n.startswith("nvidia-") or n == "triton")
+    cuda_only = sorted(n for n in pins if n.startswith(("nvidia-", "cuda-")) or n == "triton")
     assert not cuda_only, f"{LOCK.name} pins CUDA-only wheels {cuda_only}; the lock must serve CPU machines too"
 
 

@@ -58,6 +58,27 @@ ENV_FILE := $(if $(OWN_ENV),$(STAMP))
 TORCH_INDEX ?= auto
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+STEMS := $(patsubst notebooks/%.ipynb,%,$(NOTEBOOKS))
+KL_LIB_SRC := $(shell find kl_lib -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
+
+# SMOKE is a true/false switch: 1/0, true/false, yes/no, on/off in any case, empty = false. Anything else (a
+# typo like SMOKE=ture) stops make before it does anything, rather than quietly running the full study.
+SMOKE_TRUE := 1 true yes on
+SMOKE_FALSE := 0 false no off
+SMOKE_LC := $(shell printf '%s' '$(subst ','\'',$(SMOKE))' | tr '[:upper:]' '[:lower:]')
+# Exactly one allowed word, or none:
+ifneq ($(words $(SMOKE_LC)),$(words $(filter $(SMOKE_TRUE) $(SMOKE_FALSE),$(lastword $(SMOKE_LC)))))
+$(error SMOKE=$(SMOKE) is not a true/false value; use SMOKE=1/0, true/false, yes/no or on/off (any case; empty = false))
+endif
+IS_SMOKE := $(filter $(SMOKE_TRUE),$(SMOKE_LC))
+
+# PARAMS_<stem> names one notebook; a misspelt stem would otherwise be ignored without a word.
+UNKNOWN_PARAMS := $(filter-out $(addprefix PARAMS_,$(STEMS)),$(filter PARAMS_%,$(.VARIABLES)))
+ifneq ($(UNKNOWN_PARAMS),)
+$(error $(UNKNOWN_PARAMS): no notebook with that stem; notebook stems: $(STEMS))
+endif
+
 # The environment's identity: its Python (major.minor) and a checksum of pyproject's [project] and
 # [build-system] tables, the lock and the GGUF package. Computed only for targets that use the environment.
 ENV_GOALS := $(filter-out help clean distclean lock,$(or $(MAKECMDGOALS),help))
@@ -85,27 +106,6 @@ $(error $(PYTHON_PROBLEM); $(VENV) needs Python $(firstword $(PY_VERSIONS))-$(la
 endif
 endif
 endif
-endif
-
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-STEMS := $(patsubst notebooks/%.ipynb,%,$(NOTEBOOKS))
-KL_LIB_SRC := $(shell find kl_lib -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
-
-# SMOKE is a true/false switch: 1/0, true/false, yes/no, on/off in any case, empty = false. Anything else (a
-# typo like SMOKE=ture) stops make before it does anything, rather than quietly running the full study.
-SMOKE_TRUE := 1 true yes on
-SMOKE_FALSE := 0 false no off
-SMOKE_LC := $(shell printf '%s' '$(subst ','\'',$(SMOKE))' | tr '[:upper:]' '[:lower:]')
-# Exactly one allowed word, or none:
-ifneq ($(words $(SMOKE_LC)),$(words $(filter $(SMOKE_TRUE) $(SMOKE_FALSE),$(lastword $(SMOKE_LC)))))
-$(error SMOKE=$(SMOKE) is not a true/false value; use SMOKE=1/0, true/false, yes/no or on/off (any case; empty = false))
-endif
-IS_SMOKE := $(filter $(SMOKE_TRUE),$(SMOKE_LC))
-
-# PARAMS_<stem> names one notebook; a misspelt stem would otherwise be ignored without a word.
-UNKNOWN_PARAMS := $(filter-out $(addprefix PARAMS_,$(STEMS)),$(filter PARAMS_%,$(.VARIABLES)))
-ifneq ($(UNKNOWN_PARAMS),)
-$(error $(UNKNOWN_PARAMS): no notebook with that stem; notebook stems: $(STEMS))
 endif
 
 # Smoke results live apart from full results so that a smoke run can never pass for the real thing.
@@ -138,7 +138,7 @@ $(STAMP): $(if $(ENV_REASON),FORCE)
 	$(if $(ENV_REASON),@echo "rebuilding $(VENV): $(ENV_REASON)" >&2)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	@torch="torch==$$(sed -n 's/^torch==//p' $(LOCK))"; index='$(TORCH_INDEX)'; \
+	@set -e; torch="torch==$$(sed -n 's/^torch==//p' $(LOCK))"; index='$(TORCH_INDEX)'; \
 	if [ "$$index" = auto ]; then index=; \
 		if [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null && [ ! -e /proc/driver/nvidia ] && \
 			! $(PY) -m pip install --quiet --dry-run --no-index --no-deps $(PIP_INSTALL_ARGS) "$$torch" 2>/dev/null; \
@@ -186,7 +186,7 @@ export LOCK_WRITER
 
 lock: ## re-resolve requirements/lock.txt: the newest versions pyproject.toml allows (then env rebuilds)
 	@test -n "$(PYTHON)" || { echo "no Python $(PY_VERSIONS) on PATH; pass PYTHON=/path/to/python3.11" >&2; exit 1; }
-	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install --quiet --dry-run --ignore-installed --report "$$tmp/report.json" \
 		$(PIP_INSTALL_ARGS) -e ".[notebooks,test]"; \

@@ -164,8 +164,9 @@ env: # with VENV= or PY=...: check that $(PY) has kl_lib, its extras and the ker
 		exit 1; }
 endif
 
-# The lock, re-resolved in a throwaway venv: the newest versions pyproject.toml allows, on this Python and
-# platform. `make env` rebuilds .venv after it changes; commit the lock with what made you refresh it.
+# The lock, re-resolved in a throwaway venv: the newest versions pyproject.toml allows, for PYTHON and this
+# platform. Use the oldest Python you support (PYTHON=/usr/bin/python3.11 on Debian 12: 3.11.2), or a pin may
+# need a newer one (soupsieve 4.1.3 needs 3.11.5). `make env` rebuilds .venv after the lock changes.
 define LOCK_WRITER
 import json, re, sys
 report = json.load(open(sys.argv[1]))

@@ -84,10 +84,10 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
         if _shared_prompt_groups(prompt_ids, prompt_mask, group_size) and prompt_ids.shape[1] > 1:
             G, head = group_size, prompt_mask[::group_size, :-1].long()
             positions = (head.cumsum(-1) - 1).clamp_min(0)
-            cache = model(input_ids=prompt_ids[::G, :-1], attention_mask=head, position_ids=positions,
-                          use_cache=True).past_key_values
+            cache = _returned_cache(model(input_ids=prompt_ids[::G, :-1], attention_mask=head, position_ids=positions,
+                                          use_cache=True))
             cache.batch_repeat_interleave(G)
-            prefix = {"past_key_values": cache}  # generate's name for a prefix cache
+            prefix = {_cache_kwarg(model): cache}  # a prefix cache, under the name this transformers uses
         recorder = _SampledLogProbs(temperature)
         out = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
@@ -139,14 +139,14 @@ def sample_with_logits(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor
         # would not reproduce the policy bit for bit.
         out = m(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(), position_ids=positions[::G],
                 use_cache=True)
-        cache = out.past_key_values
+        cache = _returned_cache(out)
         if G > 1:
             cache.batch_repeat_interleave(G)  # (B/G, …) -> (B, …), differentiable
         return cache, out.logits[:, -1].repeat_interleave(G, 0)
 
     def step_pass(m, cache, y, attention, position):
         out = m(input_ids=y[:, None], attention_mask=attention, position_ids=position, use_cache=True, **{kw: cache})
-        return out.past_key_values, out.logits[:, -1]
+        return _returned_cache(out), out.logits[:, -1]
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _autocast(model, autocast_dtype):
@@ -242,14 +242,21 @@ def _shared_prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor, group_size: i
     return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
 
 
+def _returned_cache(output):
+    """The KV cache a forward returned: ``output.cache`` in recent transformers, ``past_key_values`` before."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
 @functools.lru_cache(maxsize=8)
 def _cache_kwarg_of(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _cache_kwarg(model) -> str:
-    """Name of the forward argument that takes a KV cache (``cache`` in recent transformers)."""
-    return _cache_kwarg_of(type(model).forward)
+    """Name of the argument that takes a KV cache (``cache`` in recent transformers, ``past_key_values`` before),
+    read from the model's forward (under a PEFT wrapper, the base model's: the wrapper's own forward hides it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(base).forward)
 
 
 @functools.lru_cache(maxsize=8)
@@ -287,7 +294,7 @@ def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
             # alignment, so a frozen copy of the policy would no longer give bitwise its log-probs (and k1 = 0).
             prompt_out = model(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(),
                                position_ids=position_ids[::G, :P], use_cache=True)
-            cache = prompt_out.past_key_values
+            cache = _returned_cache(prompt_out)
             cache.batch_repeat_interleave(G)  # (B/G, …) -> (B, …), differentiable
             first = prompt_out.logits[:, -1:].repeat_interleave(G, 0)  # distribution of the first response token
             del prompt_out  # its (B/G, P, V) logits

@@ -425,7 +425,8 @@ def _save_figures(out_dir: Path, a: _Analysis) -> list[tuple[str, str]]:
     tables = a.tables
     if fnd.ON_POLICY in set(tables.results["setting"]):
         save(plot_accuracy(a.accuracy, a.base), "fig_accuracy", "Accuracy per KL configuration (on-policy)")
-        for beta in sorted(b for b in tables.results.query("setting == @fnd.ON_POLICY")["beta"].unique() if b > 0):
+        on_policy = tables.results[tables.results["setting"] == fnd.ON_POLICY]
+        for beta in sorted(b for b in on_policy["beta"].unique() if b > 0):
             save(plot_training(tables, fnd.ON_POLICY, beta), f"fig_training_b{beta:g}".replace(".", "p"),
                  f"Training curves (on-policy, β = {beta:g})")
         save(plot_entropy_vs_forward_kl(tables), "fig_entropy_forward_kl", "Entropy against forward KL")

@@ -15,7 +15,7 @@ from kl_lib.config import IMPORTANCE_WEIGHTINGS, PLACEMENTS, KLConfig
 from kl_lib.estimators import ESTIMATORS
 from kl_lib.lm import sft
 from kl_lib.lm.models import save_untrained_model
-from kl_lib.rl import sweep, train, tracking
+from kl_lib.rl import sweep, tracking, train
 from kl_lib.rl.config import RLConfig, field_choices, field_docs, fields_help
 from kl_lib.study import site
 from kl_lib.tasks import arithmetic, hub

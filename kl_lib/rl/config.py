@@ -29,24 +29,29 @@ the reward) at a scale that runs on two CPU cores.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import reprlib
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from kl_lib.config import KLConfig, check_choice, is_finite_number
+from kl_lib.config import IMPORTANCE_WEIGHTINGS, PLACEMENTS, KLConfig, check_choice, is_finite_number
+from kl_lib.estimators import ESTIMATORS
 from kl_lib.files import config_digest
 from kl_lib.objectives import AGGREGATIONS
 from kl_lib.tasks import task_names
 
 __all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS", "ConfigError", "RLConfig",
-           "apply_overrides", "check_sweep_spec", "from_dict", "load_config", "load_sweep_spec", "read_yaml"]
+           "apply_overrides", "check_sweep_spec", "field_choices", "field_docs", "fields_help", "from_dict", "load_config",
+           "load_sweep_spec", "read_yaml"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
@@ -118,7 +123,9 @@ class RLConfig:
     finetune: str = "full"
     """``full`` (reference = a frozen copy) or ``lora`` (reference = the base with adapters disabled)."""
     lora_rank: int = 8
+    """LoRA only: rank of the adapters."""
     lora_alpha: float = 16.0
+    """LoRA only: scaling numerator (the adapters' update is scaled by lora_alpha / lora_rank)."""
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """LoRA target module names."""
     micro_batch_size: int = 0
@@ -135,6 +142,7 @@ class RLConfig:
     lr: float = 1e-4
     """AdamW learning rate (constant)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping; the unclipped norm is always logged)."""
     divergence_loss: float = 1e4
@@ -225,12 +233,16 @@ _MAX_INT = 2**31 - 1
 _LORA_EXAMPLE = "lora_targets: [q_proj, v_proj] (on the command line --set lora_targets=q_proj,v_proj)"
 
 
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each RLConfig field that takes one of a fixed set (what the checks and ``--help`` use)."""
+    return {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "finetune": FINETUNES, "aggregation": AGGREGATIONS,
+            "device": DEVICES, "dtype": DTYPES, "rollout_backend": ROLLOUT_BACKENDS, "chat_template": CHAT_TEMPLATES,
+            "task": tuple(task_names())}
+
+
 def _check_fields(cfg: RLConfig) -> None:
     """Type, range and choices of each field; the checks between fields are in ``RLConfig.__post_init__``."""
-    for name, valid in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("finetune", FINETUNES),
-                        ("aggregation", AGGREGATIONS), ("device", DEVICES), ("dtype", DTYPES),
-                        ("rollout_backend", ROLLOUT_BACKENDS), ("chat_template", CHAT_TEMPLATES),
-                        ("task", tuple(task_names()))):
+    for name, valid in field_choices().items():
         check_choice(f"RLConfig.{name}", getattr(cfg, name), valid)
     for name in ("model", "runs_dir", "data_dir", "name"):
         _text(name, getattr(cfg, name), required=name in ("model", "runs_dir"))
@@ -471,6 +483,49 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     except ValueError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Help text, generated from the dataclasses so that it cannot go stale
+# ------------------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right after the field in ``cls``'s source), whitespace collapsed
+    and reStructuredText's double backquotes removed; ``""`` for a field without one."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, [*body[1:], None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str)
+            text = after.value.value if is_doc else ""
+            docs[node.target.id] = " ".join(text.replace("``", "").replace(":meth:", "").replace("`", "").split())
+    return docs
+
+
+def fields_help(width: int = 100) -> str:
+    """Every RLConfig field (and the KL section's as ``kl.<field>``): type, default, allowed values and doc, as the
+    ``--help`` of the trainer and the sweep print them."""
+    default = RLConfig()
+    kl_choices = {"estimator": tuple(ESTIMATORS), "placement": PLACEMENTS,
+                  "importance_weighting": IMPORTANCE_WEIGHTINGS}
+    rows = []
+    for prefix, cls, values, choices in (("", RLConfig, default, field_choices()),
+                                         ("kl.", KLConfig, default.kl, kl_choices)):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if prefix == "" and f.name == "kl":
+                continue  # listed field by field below
+            value = getattr(values, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            head = f"  {prefix}{f.name}: {f.type} = {value!r}"
+            if f.name in choices:
+                head += f"  {{{', '.join(choices[f.name])}}}"
+            rows.append(head)
+            rows.append(textwrap.fill(docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(["config fields (KEY: VALUE in the --config YAML, or --set KEY=VALUE; name: type = default "
+                      "{allowed values}):", *rows])
 
 
 # ------------------------------------------------------------------------------------------------------------

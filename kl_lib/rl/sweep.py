@@ -52,6 +52,7 @@ from kl_lib.rl.config import (
     RLConfig,
     apply_overrides,
     check_sweep_spec,
+    fields_help,
     from_dict,
     load_sweep_spec,
 )
@@ -191,17 +192,40 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     return runs_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a sweep of RL fine-tuning runs from a YAML file.")
+_SWEEP_EXAMPLES = """examples:
+  python -m kl_lib.rl.sweep configs/sweep.yaml --dry-run          list the runs and their digests
+  python -m kl_lib.rl.sweep configs/sweep.yaml --jobs 2           the study's sweep (make sweep)
+  python -m kl_lib.rl.sweep configs/sweep.yaml --smoke --set runs_dir=runs/rl-smoke
+  KL_TRACKING=tensorboard python -m kl_lib.rl.sweep ...           also <run_dir>/tensorboard/ (tracking extra)
+
+A sweep file has base (fields shared by every run), eval, smoke and groups (set, seeds, betas, kl);
+see configs/sweep.yaml and the docstring of kl_lib.rl.sweep. --set and base/set take these fields:
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's command line; its help lists every config field (``kl_lib.rl.config.fields_help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kl_lib.rl.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a sweep of RL fine-tuning runs from a YAML file, in parallel worker processes.\nFinished "
+                    "runs with an unchanged config are skipped, interrupted ones resume; every run is evaluated.",
+        epilog=_SWEEP_EXAMPLES + "\n" + fields_help())
     parser.add_argument("sweep", help="sweep YAML, e.g. configs/sweep.yaml")
     parser.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides (minutes, for CI)")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("KL_SWEEP_JOBS", "2")))
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("KL_SWEEP_JOBS", "2")), metavar="N",
+                        help="runs trained at once, one worker process each with one thread on CPU (default "
+                             "$KL_SWEEP_JOBS, else 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field in every run, e.g. --set runs_dir=runs/rl-test")
+                        help="override a field in every run, e.g. --set runs_dir=runs/rl-test (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--move-aside", action="store_true",
                         help="a run directory holding a run of another config is renamed to <name>.old-<time> and "
                              "the run starts (by default it is reported as failed and left untouched)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         spec = load_sweep_spec(args.sweep)

@@ -91,7 +91,7 @@ from kl_lib.rl.checkpoints import (
     trainable_state,
     truncate_metrics,
 )
-from kl_lib.rl.config import RLConfig, load_config
+from kl_lib.rl.config import RLConfig, fields_help, load_config
 from kl_lib.rl.losses import compute_advantages, kl_loss, policy_loss
 from kl_lib.rl.rollout import (
     Rollout,
@@ -102,6 +102,7 @@ from kl_lib.rl.rollout import (
     sampled_logprobs,
 )
 from kl_lib.rl.runlock import RunLockedError, lock_holder, locked_message
+from kl_lib.rl.tracking import TRACKERS, make_tracker, tracking_choice
 from kl_lib.tasks import Problem, Task, get_task
 
 __all__ = ["Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models", "finish", "forward_logits",
@@ -141,19 +142,21 @@ class Hooks:
 
 
 def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, hooks: Hooks = Hooks(),
-          on_conflict: str = "refuse") -> RunResult:
+          on_conflict: str = "refuse", tracker: str | None = None) -> RunResult:
     """Run (or resume, extend, or skip if already done) the configured training; returns where and how it ended.
 
     ``stop_after`` stops after that many steps *of this call* without finishing the run (to test resumption).
     ``on_conflict``: when the run directory holds another run, ``"refuse"`` (``RunConflictError``, nothing
     changed) or ``"move"`` it aside to ``<name>.old-<time>`` (``kl_lib.rl.checkpoints.open_run_dir``). The run
     directory is locked while this runs (``kl_lib.rl.runlock``). Under a multi-process launch
-    (``kl_lib.rl.distributed``) every process calls this; rank 0 writes.
+    (``kl_lib.rl.distributed``) every process calls this; rank 0 writes. ``tracker`` (default ``$KL_TRACKING``,
+    else ``"none"``) mirrors each metrics row to a tracker (``kl_lib.rl.tracking``).
     """
+    tracking = tracking_choice(tracker)
     tr = prepare(cfg, on_conflict)
     if isinstance(tr, RunResult):
         return tr  # finished earlier with the same identity
-    with tr.lock:
+    with tr.lock, contextlib.closing(make_tracker(tracking if tr.ddp.is_main else "none", tr.run_dir)) as track:
         hooks.after_setup(tr)
         start_step, history = resume(tr)
         status, reason = "done", None
@@ -176,6 +179,7 @@ def train(cfg: RLConfig, progress: bool = True, stop_after: int | None = None, h
             if tr.ddp.is_main:
                 with disk_errors(metrics_path), open(metrics_path, "a") as metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
+                track.log(row)
             history.append(row)
             bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['kl/k1']:.3f}")
             if upd.diverged is not None:
@@ -742,23 +746,48 @@ def finish(tr: Trainer, history: list[dict[str, Any]], status: str, reason: str 
     return RunResult(tr.run_dir, status, len(history), summary)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="RL fine-tuning with a chosen KL configuration.")
-    parser.add_argument("--config", help="YAML config file (defaults: kl_lib.rl.config.RLConfig)")
+_TRAIN_EXAMPLES = """examples:
+  python -m kl_lib.rl.train --config configs/base.yaml
+  python -m kl_lib.rl.train --config configs/base.yaml --set kl.estimator=k3 --set kl.placement=loss --set steps=50
+  KL_TRACKING=tensorboard python -m kl_lib.rl.train --set steps=20   (then: tensorboard --logdir runs/rl)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's command line; its help lists every config field (``kl_lib.rl.config.fields_help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kl_lib.rl.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="RL fine-tuning of a language model with a chosen KL configuration.\nThe run is written to "
+                    "<runs_dir>/<name>/ (config.json, metrics.jsonl, checkpoints/, summary.json);\nrerunning a "
+                    "finished run does nothing, an interrupted one resumes.",
+        epilog=_TRAIN_EXAMPLES + "\n" + fields_help())
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML config file of the fields below (default: every field at its default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set kl.estimator=k3 --set steps=50 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--move-aside", action="store_true",
                         help="if the run directory holds a run of another config, rename it to <name>.old-<time> "
                              "and start this one (by default such a run is refused and left untouched)")
+    parser.add_argument("--track", choices=list(TRACKERS), default=None,
+                        help="mirror each metrics row to a tracker (default $KL_TRACKING, else none; tensorboard "
+                             "writes <run_dir>/tensorboard/ and needs the tracking extra); metrics.jsonl is always "
+                             "written")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
+        tracking = tracking_choice(args.track)
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        result = train(cfg, progress=not args.no_progress, on_conflict="move" if args.move_aside else "refuse")
+        result = train(cfg, progress=not args.no_progress, on_conflict="move" if args.move_aside else "refuse",
+                       tracker=tracking)
     except (RunConflictError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -77,6 +77,8 @@ __all__ = [
     "Declared",
     "find_repo_root",
     "chdir_to_repo_root",
+    "MissingPrerequisite",
+    "require",
     "parse_value",
     "declared_parameters",
     "type_text",
@@ -125,6 +127,22 @@ def chdir_to_repo_root() -> Path:
         raise FileNotFoundError(f"no ancestor of {Path.cwd()} holds pyproject.toml and kl_lib/")
     os.chdir(root)
     return root
+
+
+class MissingPrerequisite(FileNotFoundError):
+    """What a notebook reads is not built yet; the message names the one command that builds it."""
+
+
+def require(paths: Sequence[str | os.PathLike], command: str, minutes: float) -> None:
+    """For a notebook's first cells in full mode: raise :class:`MissingPrerequisite` naming ``command`` (e.g.
+    ``make sweep``) and how long it takes unless every path exists (relative to the current directory, the
+    repository root after :func:`chdir_to_repo_root`)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise MissingPrerequisite(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: run `{command}` in a terminal at "
+            f"the repository root {Path.cwd()} (about {minutes:g} min on 2 CPU cores), then run this notebook "
+            "again; or set smoke = True in the parameters cell for a quick miniature")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -513,13 +513,25 @@ def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str |
     return write_text(out_dir / "index.html", "\n".join(page))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line that builds the static report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kl_lib.study.site",
+        description="Build the static report (index.html with the sweep's tables and figures, linking the executed "
+                    "notebooks) from a finished sweep.",
+        epilog="example: python -m kl_lib.study.site --runs runs/rl --notebooks runs/notebooks --out runs/report "
+               "(make report)")
+    parser.add_argument("--runs", default="runs/rl", metavar="DIR", help="sweep runs directory (default runs/rl)")
+    parser.add_argument("--notebooks", default="runs/notebooks", metavar="DIR",
+                        help="executed notebooks (*.html) to link (default runs/notebooks)")
+    parser.add_argument("--out", default="runs/report", metavar="DIR", help="output directory (default runs/report)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--n-boot", type=int, default=4000, metavar="N", help="bootstrap replicates (default 4000)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kl_lib.study.site", description="Build the static report.")
-    parser.add_argument("--runs", default="runs/rl", help="sweep runs directory (default runs/rl)")
-    parser.add_argument("--notebooks", default="runs/notebooks", help="executed notebooks (*.html) to link")
-    parser.add_argument("--out", default="runs/report", help="output directory (default runs/report)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--n-boot", type=int, default=4000, help="bootstrap replicates")
+    parser = build_parser()
     args = parser.parse_args(argv)
     import matplotlib
 

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from kl_lib.files import atomic_write
 
 __all__ = ["SPLIT_NAMES", "Problem", "Task", "answer_reward", "draw_distinct", "file_task", "get_task", "problems_digest",
-           "read_problems", "register", "task_names", "write_disjoint_splits", "write_problems", "write_splits_main"]
+           "read_problems", "register", "task_names", "write_disjoint_splits", "write_problems", "write_splits_main",
+           "write_splits_parser"]
 
 SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
 
@@ -164,15 +166,27 @@ def write_disjoint_splits(data_dir: str | os.PathLike, order: tuple[str, ...],
     return out
 
 
+def write_splits_parser(description: str, default_dir: str,
+                        write_splits: Callable[..., dict[str, Path]]) -> argparse.ArgumentParser:
+    """The parser of :func:`write_splits_main`, named after the module of ``write_splits``
+    (``python -m kl_lib.tasks.arithmetic``, also when that module runs as ``__main__``)."""
+    spec = sys.modules[write_splits.__module__].__spec__
+    prog = f"python -m {spec.name if spec is not None else write_splits.__module__}"
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"example: {prog} --out {default_dir} --size rl_train=1000")
+    parser.add_argument("--out", default=default_dir, metavar="DIR",
+                        help=f"directory to write <split>.jsonl to (default {default_dir})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated problems (default 0)")
+    parser.add_argument("--size", action="append", default=[], metavar="SPLIT=N",
+                        help="override a split's size, e.g. --size rl_train=1000 (repeatable)")
+    return parser
+
+
 def write_splits_main(argv: list[str] | None, description: str, default_dir: str,
                       write_splits: Callable[..., dict[str, Path]]) -> None:
     """The command line of a generated task: ``--out DIR --seed N [--size SPLIT=N ...]`` calls
     ``write_splits(out, seed=, sizes=)`` and prints each split's size."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=default_dir)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", action="append", default=[], metavar="SPLIT=N",
-                        help="override a split's size, e.g. --size rl_train=1000 (repeatable)")
+    parser = write_splits_parser(description, default_dir, write_splits)
     args = parser.parse_args(argv)
     sizes = {}
     for item in args.size:

@@ -41,6 +41,7 @@ warning.
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Iterator
@@ -264,13 +265,21 @@ def download(out_dir: str | os.PathLike, keys: tuple[str, ...] | None = None) ->
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Download the hub datasets of the math/gsm8k tasks to a directory "
-                                                 "that can be passed as their source on a machine without network.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line that downloads the hub datasets for offline use."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kl_lib.tasks.hub",
+        description="Download the hub datasets of the math/gsm8k tasks to a directory that can be passed as their "
+                    "source on a machine without network.",
+        epilog="example: python -m kl_lib.tasks.hub --download data/hub --datasets gsm8k")
     parser.add_argument("--download", required=True, metavar="DIR", help="directory to write <key>/<config>/<split>.jsonl")
-    parser.add_argument("--datasets", nargs="*", choices=list(HUB_DATASETS), help="default: all")
+    parser.add_argument("--datasets", nargs="*", choices=list(HUB_DATASETS), metavar="NAME",
+                        help=f"which datasets, of {', '.join(HUB_DATASETS)} (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for path in download(args.download, tuple(args.datasets) if args.datasets else None):
         print(path)

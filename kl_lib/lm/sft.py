@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     for field in dataclasses.fields(SFTConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
     args = parser.parse_args(argv)
+    if args.task is not None and args.task not in TASK_PRESETS:
+        parser.error(f"--task {args.task!r} is not valid; choose one of {', '.join(map(repr, TASK_PRESETS))}")
     if args.smoke and args.task not in (None, "arithmetic"):
         parser.error("--smoke is the arithmetic task's preset; for another task pass --task and small sizes")
     base = SMOKE if args.smoke else TASK_PRESETS[args.task or "arithmetic"]

@@ -1,11 +1,14 @@
 """The worked (column) arithmetic task: the worked steps are right, answers are long, splits are deterministic and
 disjoint, the reward reads only the final answer and never raises, the tokenizer covers it."""
 
+import dataclasses
+import json
 import random
 
 import pytest
 
 from kl_lib.lm.models import ALPHABET, build_tokenizer, format_prompt
+from kl_lib.lm.sft import SMOKE, TASK_PRESETS, SFTConfig, train_base_model
 from kl_lib.tasks import get_task
 from kl_lib.tasks.worked_arithmetic import (
     SPLITS,
@@ -83,3 +86,24 @@ def test_reward_reads_the_final_answer_only_and_never_raises():
     for junk in ("", " =", " =-", "=7694", None, 7694, " =7694 =1", "\x00 =9" * 50):
         assert reward(junk, answer, True) in (0.0, 1.0)
     assert reward("x =7694 =1", answer, True) == 0.0  # the last mark counts
+
+
+def test_sft_digests_of_the_arithmetic_base_model_are_unchanged():
+    """The fields added for other tasks are left out of the digest at their defaults (values from before)."""
+    assert SFTConfig().digest() == "091edf0e5c00" and SMOKE.digest() == "d33fae79e52e"
+    assert TASK_PRESETS["arithmetic"] == SFTConfig()
+    assert TASK_PRESETS["worked_arithmetic"].digest() != SFTConfig().digest()
+    with pytest.raises(ValueError, match="SFTConfig.task"):
+        SFTConfig(task="nope")
+
+
+def test_sft_trains_a_model_on_the_worked_task(tmp_path):
+    write_splits(tmp_path / "data", seed=0, sizes={"sft": 64, "rl_train": 16, "id_test": 4, "ood_test": 4})
+    config = dataclasses.replace(TASK_PRESETS["worked_arithmetic"], data_dir=str(tmp_path / "data"), steps=3,
+                                 batch_size=8, warmup=1, hidden_size=32, num_layers=1, intermediate_size=64,
+                                 probe_every=2, probe_size=4)
+    out = train_base_model(tmp_path / "model", config)
+    meta = json.loads((out / "sft.json").read_text())
+    assert meta["config"]["task"] == "worked_arithmetic" and meta["steps_trained"] == 3
+    assert set(meta["greedy_accuracy"]) == {"id_test", "ood_test"} and len(meta["probe_curve"]) == 1
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128

@@ -124,7 +124,7 @@ TASK_PRESETS: dict[str, SFTConfig] = {
     "arithmetic": SFTConfig(),
     "worked_arithmetic": SFTConfig(task="worked_arithmetic", data_dir=worked_arithmetic.DEFAULT_DIR,
                                    max_positions=128, probe_max_new_tokens=72, probe_size=100, probe_every=100,
-                                   stop_at_probe_accuracy=0.4, steps=6000),
+                                   stop_at_probe_accuracy=0.4, steps=3000, batch_size=32),
 }
 """The starting config of ``--task NAME``: each generated task's data directory, model and probe budget."""
 

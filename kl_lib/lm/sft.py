@@ -8,6 +8,10 @@ the seed on CPU: the weight initialisation runs under a forked RNG seeded with `
 with an explicit ``torch.Generator``.
 
     python -m kl_lib.lm.sft --out data/models/tiny-base [--steps 3000] [--seed 0]
+    python -m kl_lib.lm.sft --task worked_arithmetic --out data/models/worked-base
+
+``--task`` names a generated task of ``SFT_TASKS`` and starts from its preset (``TASK_PRESETS``: data directory,
+model size, probe budget); other flags still apply.
 
 writes a ``save_pretrained`` model + tokenizer, ``sft.json`` (config, versions, loss curve, greedy accuracy)
 and ``DONE`` last; an existing directory with the same config is left alone (``--force`` rebuilds).
@@ -25,6 +29,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +39,27 @@ from tqdm.auto import tqdm
 from kl_lib.lm.evaluate import greedy_accuracy
 from kl_lib.lm.models import build_tokenizer, format_prompt, tiny_llama_config
 from kl_lib.files import config_digest, environment_info, write_json
-from kl_lib.tasks.arithmetic import Problem, load_split, write_splits
+from kl_lib.tasks import arithmetic, worked_arithmetic
+from kl_lib.tasks.base import Problem
 
-__all__ = ["SFTConfig", "SMOKE", "train_base_model", "encode_sft"]
+__all__ = ["SFTConfig", "SFTTask", "SFT_TASKS", "SMOKE", "TASK_PRESETS", "train_base_model", "encode_sft"]
+
+
+@dataclass(frozen=True)
+class SFTTask:
+    """A generated task SFT can train on: how to write its splits and read one back."""
+    write_splits: Callable[..., dict[str, Path]]
+    load_split: Callable[[Path], list[Problem]]
+
+
+SFT_TASKS: dict[str, SFTTask] = {
+    "arithmetic": SFTTask(arithmetic.write_splits, arithmetic.load_split),
+    "worked_arithmetic": SFTTask(worked_arithmetic.write_splits, worked_arithmetic.load_split),
+}
+
+# Fields added after the arithmetic base model was built: left out of the digest at these defaults, so its
+# identity (and that of every RL run on it) is unchanged.
+_LATER_FIELDS = {"task": "arithmetic", "intermediate_size": 384, "max_positions": 64, "probe_max_new_tokens": 6}
 
 
 @dataclass(frozen=True)
@@ -67,21 +90,43 @@ class SFTConfig:
     details), so stopping on the probe rather than at a fixed step gives a base model that *partly* knows the RL
     task, reproducibly: what the study needs (RL has room to help; see notebook 03). 1.0 trains all steps."""
 
+    task: str = "arithmetic"
+    """The generated task (``SFT_TASKS``) whose ``sft`` split is trained on and whose ``rl_train`` is probed."""
+    intermediate_size: int = 384
+    """Width of the model's MLP."""
+    max_positions: int = 64
+    """The model's ``max_position_embeddings``: at least the longest prompt plus answer."""
+    probe_max_new_tokens: int = 6
+    """Token budget of the greedy completions of the probe and the final accuracy."""
+
     def __post_init__(self) -> None:
+        if self.task not in SFT_TASKS:
+            raise ValueError(f"SFTConfig.task={self.task!r} is not valid; choose one of "
+                             f"{', '.join(map(repr, SFT_TASKS))}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"SFTConfig.schedule={self.schedule!r} is not valid; choose 'cosine' or 'constant'")
-        for name in ("steps", "batch_size", "warmup", "probe_size"):
+        for name in ("steps", "batch_size", "warmup", "probe_size", "intermediate_size", "max_positions",
+                     "probe_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name}={getattr(self, name)!r} must be ≥ 1")
         if not 0 < self.stop_at_probe_accuracy <= 1:
             raise ValueError(f"SFTConfig.stop_at_probe_accuracy={self.stop_at_probe_accuracy!r} must be in (0, 1]")
 
     def digest(self) -> str:
-        return config_digest(dataclasses.asdict(self))
+        fields = dataclasses.asdict(self)
+        return config_digest({k: v for k, v in fields.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]})
 
 
 SMOKE = SFTConfig(steps=200, batch_size=64, hidden_size=64, num_layers=2, probe_every=0)
 """The smoke-mode base model (``make ... SMOKE=1``, notebook smoke runs): seconds to train, mechanics only."""
+
+TASK_PRESETS: dict[str, SFTConfig] = {
+    "arithmetic": SFTConfig(),
+    "worked_arithmetic": SFTConfig(task="worked_arithmetic", data_dir=worked_arithmetic.DEFAULT_DIR,
+                                   max_positions=128, probe_max_new_tokens=72, probe_size=100, probe_every=100,
+                                   stop_at_probe_accuracy=0.4, steps=3000, batch_size=32),
+}
+"""The starting config of ``--task NAME``: each generated task's data directory, model and probe budget."""
 
 
 def encode_sft(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,6 +163,7 @@ def _initial_model(config: SFTConfig, tokenizer):
         torch.manual_seed(config.seed)
         return AutoModelForCausalLM.from_config(
             tiny_llama_config(len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
+                              intermediate_size=config.intermediate_size, max_positions=config.max_positions,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id))
 
@@ -161,13 +207,17 @@ def _train(model, tokenizer, config: SFTConfig, batches: tuple[torch.Tensor, tor
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
         if config.probe_every and (step + 1) % config.probe_every == 0:
-            curve.append({"step": step + 1, "probe_accuracy": greedy_accuracy(model, tokenizer, probe)})
+            curve.append({"step": step + 1, "probe_accuracy": _accuracy(model, tokenizer, config, probe)})
             model.train()
             if curve[-1]["probe_accuracy"] >= config.stop_at_probe_accuracy:
                 print(f"step {step + 1}: probe accuracy {curve[-1]['probe_accuracy']:.2f} "
                       f"≥ {config.stop_at_probe_accuracy}: stopping", flush=True)
                 break
     return losses, curve
+
+
+def _accuracy(model, tokenizer, config: SFTConfig, problems: list[Problem]) -> float:
+    return greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.probe_max_new_tokens, task=config.task)
 
 
 def _save(out_dir: Path, model, tokenizer, meta: dict) -> None:
@@ -185,24 +235,24 @@ def _save(out_dir: Path, model, tokenizer, meta: dict) -> None:
 def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force: bool = False) -> Path:
     """Train (or reuse) the base model in ``out_dir``; returns the directory."""
     out_dir = Path(out_dir)
-    data_dir = Path(config.data_dir)
+    data_dir, task = Path(config.data_dir), SFT_TASKS[config.task]
     if not (data_dir / "sft.jsonl").exists():
-        write_splits(data_dir, seed=config.data_seed)
+        task.write_splits(data_dir, seed=config.data_seed)
     digest = _model_digest(config, data_dir)
     if (out_dir / "DONE").exists() and not force:
         if json.loads((out_dir / "sft.json").read_text()).get("config_digest") == digest:
             print(f"base model in {out_dir} is up to date (config and data {digest})")
             return out_dir
-    train = load_split(data_dir / "sft.jsonl")
+    train = task.load_split(data_dir / "sft.jsonl")
     tokenizer = build_tokenizer()
     batches = encode_sft(tokenizer, train)
     model = _initial_model(config, tokenizer)
-    probe = load_split(data_dir / "rl_train.jsonl")[: config.probe_size]
+    probe = task.load_split(data_dir / "rl_train.jsonl")[: config.probe_size]
     start = time.time()
     losses, curve = _train(model, tokenizer, config, batches, probe)
     train_time = time.time() - start
 
-    accuracy = {name: greedy_accuracy(model, tokenizer, load_split(data_dir / f"{name}.jsonl"))
+    accuracy = {name: _accuracy(model, tokenizer, config, task.load_split(data_dir / f"{name}.jsonl"))
                 for name in ("id_test", "ood_test")}
     _save(out_dir, model, tokenizer, {
         "config": dataclasses.asdict(config), "config_digest": digest, "greedy_accuracy": accuracy,
@@ -238,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    base = SMOKE if args.smoke else SFTConfig()
+    if args.task is not None and args.task not in TASK_PRESETS:
+        parser.error(f"--task {args.task!r} is not valid; choose one of {', '.join(map(repr, TASK_PRESETS))}")
+    if args.smoke and args.task not in (None, "arithmetic"):
+        parser.error("--smoke is the arithmetic task's preset; for another task pass --task and small sizes")
+    base = SMOKE if args.smoke else TASK_PRESETS[args.task or "arithmetic"]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if getattr(args, f.name) is not None}
     config = dataclasses.replace(base, **given)
     train_base_model(args.out, config, force=args.force)

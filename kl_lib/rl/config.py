@@ -49,12 +49,13 @@ from kl_lib.files import config_digest
 from kl_lib.objectives import AGGREGATIONS
 from kl_lib.tasks import task_names
 
-__all__ = ["ADVANTAGES", "FINETUNES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS", "ConfigError", "RLConfig",
-           "apply_overrides", "check_sweep_spec", "field_choices", "field_docs", "fields_help", "from_dict", "load_config",
-           "load_sweep_spec", "read_yaml"]
+__all__ = ["ADVANTAGES", "FINETUNES", "KL_REWARD_BASELINES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS",
+           "ConfigError", "RLConfig", "apply_overrides", "check_sweep_spec", "field_choices", "field_docs",
+           "fields_help", "from_dict", "load_config", "load_sweep_spec", "read_yaml"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
+KL_REWARD_BASELINES = ("none", "loo")
 FINETUNES = ("full", "lora")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -115,6 +116,13 @@ class RLConfig:
     """PPO only: ratio clip range [1 − ε, 1 + ε]."""
     kl: KLConfig = field(default_factory=lambda: KLConfig("k1", "reward", beta=0.1))
     """The KL configuration (estimator, placement, beta, reward_to_go, importance_weighting), see kl_lib.config."""
+    kl_reward_baseline: str = "none"
+    """Baseline of the KL penalty in the reward (placement ``reward``/``both``; no effect otherwise): ``loo``
+    subtracts from each sample's penalty β·Σ_t k_t the mean of the other samples' penalties in its prompt's group,
+    so with ``advantage: rloo`` the update is RLOO on the folded reward R − β·Σ_t k_t: **the paper's form**.
+    ``none`` (the default, this project's form before the study of issue 11) gives the penalty no baseline.
+    Both are unbiased (``kl_lib.rl.losses.kl_reward_loo_baseline``). At its default the field is left out of
+    :meth:`digest`, so runs made before it existed keep their identity."""
     aggregation: str = "sum"
     """How per-token terms are combined: ``sum`` over tokens (DESIGN.md) or ``token_mean`` per sequence."""
     async_lag: int = 0
@@ -206,6 +214,9 @@ class RLConfig:
         # finished run is not redone for it, and digests of runs made before the field existed stay valid.
         for key in ("checkpoint_every", "keep_checkpoints", "runs_dir", "name", "device", "micro_batch_size"):
             d.pop(key)
+        # added after the first study: at its default it is left out, so the earlier runs' digests stay valid
+        if d["kl_reward_baseline"] == "none":
+            d.pop("kl_reward_baseline")
         return config_digest(d)
 
     def run_name(self) -> str:
@@ -236,8 +247,8 @@ _LORA_EXAMPLE = "lora_targets: [q_proj, v_proj] (on the command line --set lora_
 def field_choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of each RLConfig field that takes one of a fixed set (what the checks and ``--help`` use)."""
     return {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "finetune": FINETUNES, "aggregation": AGGREGATIONS,
-            "device": DEVICES, "dtype": DTYPES, "rollout_backend": ROLLOUT_BACKENDS, "chat_template": CHAT_TEMPLATES,
-            "task": tuple(task_names())}
+            "kl_reward_baseline": KL_REWARD_BASELINES, "device": DEVICES, "dtype": DTYPES,
+            "rollout_backend": ROLLOUT_BACKENDS, "chat_template": CHAT_TEMPLATES, "task": tuple(task_names())}
 
 
 def _check_fields(cfg: RLConfig) -> None:

@@ -19,7 +19,17 @@ Each advantage and policy loss is a small pure function in a registry (:func:`ge
 :func:`get_policy_loss`); unknown names raise ``ValueError`` listing the valid ones. The registries' names are
 ``kl_lib.rl.config.ADVANTAGES`` and ``POLICY_LOSSES``, which validate a config before any compute.
 
-Departure from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``).
+The KL penalty in the reward (placement ``reward``/``both``), −β·Σ_t k_t per sequence, is a loss term of its own
+(``kl_lib.objectives``); :func:`kl_reward_loo_baseline` gives it the leave-one-out baseline
+
+    b_i = β · mean_{j≠i} Σ_t m_t k_t(y_j)       (within the prompt's group of G samples)
+
+which the trainer adds to the advantage (RLConfig ``kl_reward_baseline: loo``). With the ``rloo`` advantage the
+update is then RLOO on the folded reward R_i − β·Σ_t k_t(y_i): the paper's form. b_i does not depend on y_i
+(the group's samples are independent), so E[b_i ∇log π(y_i)] = 0 and the gradient stays unbiased; only its
+variance changes. Departure from the paper: off-policy (PPO), the baseline passes through the ratio and its
+clip with the advantage while the sample's own penalty keeps the KL term's form; with
+``kl_reward_baseline: none`` (the default) the penalty gets no baseline at all.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from kl_lib import objectives
 from kl_lib.config import KLConfig
 
 __all__ = ["ADVANTAGE_FUNCTIONS", "POLICY_LOSS_FUNCTIONS", "compute_advantages", "get_advantage",
-           "get_policy_loss", "kl_loss", "policy_loss"]
+           "get_policy_loss", "kl_loss", "kl_reward_loo_baseline", "kl_reward_penalty",
+           "leave_one_out_mean", "policy_loss"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -72,6 +83,34 @@ def get_advantage(name: str) -> Callable[[Tensor], Tensor]:
 def compute_advantages(rewards: Tensor, group_size: int, kind: str) -> Tensor:
     """Per-sequence advantages ``(B,)`` from rewards ``(B,)`` laid out as consecutive groups of ``group_size``."""
     return get_advantage(kind)(rewards.view(-1, group_size)).reshape(-1)
+
+
+def leave_one_out_mean(x: Tensor, group_size: int) -> Tensor:
+    """mean_{j≠i} x_j within consecutive groups of ``group_size``: ``(B,)`` → ``(B,)``."""
+    if group_size < 2 or x.shape[0] % group_size:
+        raise ValueError(f"a leave-one-out mean needs group_size ≥ 2 dividing the batch size {x.shape[0]}, "
+                         f"got group_size={group_size}")
+    groups = x.view(-1, group_size)
+    return ((groups.sum(-1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)
+
+
+def kl_reward_penalty(config: KLConfig, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                      logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None) -> Tensor:
+    """``(B,)`` detached β · Σ_t m_t k_t: each sequence's KL penalty in the reward, 0 when the KL is not in the
+    reward. ``logp``, ``ref_logp``, ``mask`` are ``(B, T)``; ``logprobs``/``ref_logprobs`` ``(B, T, V)`` for the
+    analytic estimator only. k_t is the configuration's estimate (with a ``KLSetting``'s value clamp)."""
+    if not config.in_reward or config.beta == 0:
+        return torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
+    with torch.no_grad():
+        k, _ = objectives.estimate(config, logp.detach(), ref_logp, mask, logprobs, ref_logprobs)
+        return config.beta * k.sum(-1)  # k is exactly 0 at masked positions
+
+
+def kl_reward_loo_baseline(penalty: Tensor, group_size: int) -> Tensor:
+    """``(B,)`` b_i = mean_{j≠i} penalty_j within each prompt's group, from :func:`kl_reward_penalty`'s ``(B,)``:
+    the leave-one-out baseline of the reward penalty, to be *added* to the advantage (the penalty enters the
+    reward with a minus sign)."""
+    return leave_one_out_mean(penalty, group_size)
 
 
 # ------------------------------------------------------------------------------------------------------------

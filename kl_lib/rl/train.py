@@ -38,8 +38,9 @@ is never deleted: one holding a run of another config is refused (or moved aside
 process trains is refused naming it (``kl_lib.rl.checkpoints``, ``kl_lib.rl.runlock``). :class:`Hooks` let a
 benchmark observe a real run.
 
-Departures from the paper: the KL reward penalty gets no RLOO baseline (``kl_lib.objectives``; unbiased
-either way); the model, task and scale are small (see ``kl_lib.tasks.arithmetic``).
+Departures from the paper: the KL reward penalty gets no baseline unless ``kl_reward_baseline: loo`` (the
+paper's RLOO on the folded reward; ``kl_lib.rl.losses``; unbiased either way); the model, task and scale are
+small (see ``kl_lib.tasks.arithmetic`` and ``kl_lib.tasks.worked_arithmetic``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ from kl_lib.rl.checkpoints import (
     truncate_metrics,
 )
 from kl_lib.rl.config import RLConfig, fields_help, load_config
-from kl_lib.rl.losses import compute_advantages, kl_loss, policy_loss
+from kl_lib.rl.losses import compute_advantages, kl_loss, kl_reward_loo_baseline, kl_reward_penalty, policy_loss
 from kl_lib.rl.rollout import (
     Rollout,
     concat_rollouts,
@@ -553,6 +554,7 @@ class Scores:
     ref_logp: Tensor  # (B, R) log π_ref of the sampled tokens
     cur_logp: Tensor  # (B, R) log π before this step's update
     stats: _BatchStats
+    kl_penalty: Tensor  # (B,) β·Σ_t k_t of the pre-update policy, for kl_reward_baseline "loo" (else zeros)
 
 
 @dataclass
@@ -573,7 +575,8 @@ def update(tr: Trainer, batch: Batch, advantages: Tensor, step: int) -> Update:
     over micro-batches. Minibatches of a PPO batch are shuffled rows (scored first in a pass of their own);
     otherwise passes take whole prompt groups in order and the first one also scores the pre-update policy."""
     cfg, n = tr.cfg, batch.roll.response_ids.shape[0]
-    scores = Scores(torch.zeros_like(batch.roll.behavior_logp), torch.zeros_like(batch.roll.behavior_logp), _BatchStats())
+    scores = Scores(torch.zeros_like(batch.roll.behavior_logp), torch.zeros_like(batch.roll.behavior_logp), _BatchStats(),
+                    torch.zeros_like(batch.roll.behavior_logp[:, 0]))
     if cfg.ppo_minibatches > 1:
         _score_batch(tr, batch, scores)
     for epoch in range(cfg.ppo_epochs):
@@ -614,6 +617,9 @@ def _score_batch(tr: Trainer, batch: Batch, scores: Scores) -> None:
             logprobs = torch.log_softmax(logits, -1) if full else None
             scores.cur_logp[rows] = _sampled(logits, logprobs, roll.response_ids[rows])
         scores.stats.add(logits, scores.cur_logp[rows], scores.ref_logp[rows], ref_logprobs, roll.response_mask[rows])
+        if cfg.kl_reward_baseline == "loo":
+            scores.kl_penalty[rows] = kl_reward_penalty(cfg.kl, scores.cur_logp[rows], scores.ref_logp[rows],
+                                                        roll.response_mask[rows], logprobs, ref_logprobs)
         del logits, logprobs, ref_logprobs
 
 
@@ -645,7 +651,11 @@ def micro_pass(tr: Trainer, batch: Batch, advantages: Tensor, rows: Tensor, shar
     logp = _sampled(logits, logprobs, roll.response_ids[rows])  # (m, R)
     off_policy = cfg.async_lag > 0 or cfg.policy_loss == "ppo"
     behavior_logp = roll.behavior_logp[rows] if off_policy else None
-    pg, fractions = policy_loss(cfg.policy_loss, logp, advantages[rows], mask, behavior_logp, cfg.clip_eps,
+    rows_advantages = advantages[rows]
+    if cfg.kl_reward_baseline == "loo":
+        rows_advantages = rows_advantages + _kl_reward_baseline(tr, scores, rows, logp, mask, logprobs, ref_logprobs,
+                                                                first_pass)
+    pg, fractions = policy_loss(cfg.policy_loss, logp, rows_advantages, mask, behavior_logp, cfg.clip_eps,
                                 cfg.aggregation)
     kl, kl_clip = kl_loss(cfg.kl, logp, scores.ref_logp[rows], mask, behavior_logp=behavior_logp, logprobs=logprobs,
                           ref_logprobs=ref_logprobs if full else None, aggregation=cfg.aggregation)
@@ -657,6 +667,22 @@ def micro_pass(tr: Trainer, batch: Batch, advantages: Tensor, rows: Tensor, shar
     del logits, logprobs, ref_logprobs
     ((pg + kl) * share).backward()
     return pg.detach(), kl.detach(), fractions
+
+
+def _kl_reward_baseline(tr: Trainer, scores: Scores, rows: Tensor, logp: Tensor, mask: Tensor,
+                        logprobs: Tensor | None, ref_logprobs: Tensor | None, first_pass: bool) -> Tensor:
+    """``(m,)`` leave-one-out baseline of the reward's KL penalty for ``rows``, from the pre-update policy.
+
+    On the first pass over a batch (rows in order: whole prompt groups) the rows' penalties are computed here from
+    this pass's ``(m, R)`` log-probs and recorded; later passes (PPO epochs, or minibatches after ``_score_batch``)
+    read the whole batch's recorded penalties.
+    """
+    group_size = tr.cfg.group_size
+    if first_pass:
+        scores.kl_penalty[rows] = kl_reward_penalty(tr.cfg.kl, logp, scores.ref_logp[rows], mask, logprobs,
+                                                    ref_logprobs)
+        return kl_reward_loo_baseline(scores.kl_penalty[rows], group_size)
+    return kl_reward_loo_baseline(scores.kl_penalty, group_size)[rows]
 
 
 def optimizer_step(tr: Trainer, loss: Tensor, step: int) -> tuple[float, float, str | None]:

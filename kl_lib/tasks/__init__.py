@@ -28,7 +28,7 @@ from kl_lib.tasks.base import (
 )
 
 # The task modules register themselves on import (hub datasets load their data only when asked).
-from kl_lib.tasks import arithmetic, chat_arithmetic, countdown, hub  # noqa: F401  isort: skip
+from kl_lib.tasks import arithmetic, chat_arithmetic, countdown, hub, worked_arithmetic  # noqa: F401  isort: skip
 
 __all__ = ["SPLIT_NAMES", "Problem", "Task", "draw_distinct", "get_task", "problems_digest", "read_problems",
            "register", "task_names", "write_disjoint_splits", "write_problems"]

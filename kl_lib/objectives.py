@@ -50,8 +50,8 @@ that splits a batch gets the per-part token count); ``"constant"`` Σ_b w_b L_b 
 C = ``max_completion_length``).
 
 Departure from the paper: the paper folds the reward penalty into RLOO's rewards (so the leave-one-out baseline
-also applies to it); here the penalty has no baseline. Both are unbiased; the RL trainer may subtract a baseline
-from ``reward_coefficients`` itself. ``aggregation="token_mean"`` divides each sequence's term by its number
+also applies to it); here the penalty has no baseline. Both are unbiased; the RL trainer subtracts the paper's
+leave-one-out baseline when asked (``RLConfig.kl_reward_baseline = "loo"``, ``kl_lib.rl.losses``). ``aggregation="token_mean"`` divides each sequence's term by its number
 of valid tokens (by 1 when it has none): a different objective, offered because several libraries use it,
 never the default.
 """

@@ -33,7 +33,7 @@ from pathlib import Path
 from kl_lib.tasks.answers import MAX_NUMBER_DIGITS, canonical_integer, integer_reward
 from kl_lib.tasks.base import (
     Problem,
-    draw_distinct,
+    draw_from_mixture,
     file_task,
     read_problems,
     register,
@@ -97,14 +97,7 @@ def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: I
     Within a split prompts are unique. ``write_splits`` passes earlier splits' prompts as ``exclude`` so that
     test problems never appear in training data.
     """
-    if name not in SPLITS:
-        raise ValueError(f"unknown split {name!r}; valid splits are {', '.join(map(repr, SPLITS))}")
-    default_size, mixture = SPLITS[name]
-    size = default_size if size is None else size
-    rng = random.Random(f"{name}:{seed}")
-    skills, weights = zip(*mixture.items())
-    return draw_distinct(name, size, lambda i: make_problem(rng.choices(skills, weights)[0], rng, i),
-                         key=lambda p: p.prompt, exclude=exclude)
+    return draw_from_mixture(name, SPLITS, make_problem, f"{name}:{seed}", size, exclude)
 
 
 def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, astuple, dataclass, field
@@ -16,9 +17,9 @@ from pathlib import Path
 
 from kl_lib.files import atomic_write
 
-__all__ = ["SPLIT_NAMES", "Problem", "Task", "answer_reward", "draw_distinct", "file_task", "get_task", "problems_digest",
-           "read_problems", "register", "task_names", "write_disjoint_splits", "write_problems", "write_splits_main",
-           "write_splits_parser"]
+__all__ = ["SPLIT_NAMES", "Problem", "Task", "answer_reward", "draw_distinct", "draw_from_mixture", "file_task",
+           "get_task", "problems_digest", "read_problems", "register", "task_names", "write_disjoint_splits",
+           "write_problems", "write_splits_main", "write_splits_parser"]
 
 SPLIT_NAMES = ("rl_train", "id_test", "ood_test")
 
@@ -146,6 +147,23 @@ def draw_distinct(split: str, size: int, draw: Callable[[int], Problem], key: Ca
         problems.append(problem)
     return problems
 
+
+
+def draw_from_mixture(split: str, splits: dict[str, tuple[int, dict[str, float]]],
+                      make_problem: Callable[[str, random.Random, int], Problem], seed_key: str,
+                      size: int | None = None, exclude: Iterable[Hashable] = ()) -> list[Problem]:
+    """``size`` problems of ``split`` (default: its size in ``splits``) with distinct prompts, none in
+    ``exclude``: each of a skill drawn from the split's mixture ``{skill: weight}`` and made by
+    ``make_problem(skill, rng, index)``, all from ``random.Random(seed_key)``, so a split is deterministic in
+    its key."""
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(map(repr, splits))}")
+    default_size, mixture = splits[split]
+    rng = random.Random(seed_key)
+    skills, weights = zip(*mixture.items())
+    return draw_distinct(split, default_size if size is None else size,
+                         lambda i: make_problem(rng.choices(skills, weights)[0], rng, i),
+                         key=lambda p: p.prompt, exclude=exclude)
 
 def write_disjoint_splits(data_dir: str | os.PathLike, order: tuple[str, ...],
                           generate: Callable[..., list[Problem]], key: Callable[[Problem], Hashable], seed: int,

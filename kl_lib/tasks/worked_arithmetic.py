@@ -38,7 +38,7 @@ from pathlib import Path
 from kl_lib.tasks.answers import integer_reward
 from kl_lib.tasks.base import (
     Problem,
-    draw_distinct,
+    draw_from_mixture,
     file_task,
     read_problems,
     register,
@@ -114,14 +114,7 @@ def make_problem(skill: str, rng: random.Random, index: int) -> Problem:
 
 def generate_split(name: str, seed: int = 0, size: int | None = None, exclude: Iterable[str] = ()) -> list[Problem]:
     """Problems of one split, deterministic in (name, seed, size), unique prompts, none in ``exclude``."""
-    if name not in SPLITS:
-        raise ValueError(f"unknown split {name!r}; valid splits are {', '.join(map(repr, SPLITS))}")
-    default_size, mixture = SPLITS[name]
-    rng = random.Random(f"worked_arithmetic:{name}:{seed}")
-    skills, weights = zip(*mixture.items())
-    return draw_distinct(name, default_size if size is None else size,
-                         lambda i: make_problem(rng.choices(skills, weights)[0], rng, i),
-                         key=lambda p: p.prompt, exclude=exclude)
+    return draw_from_mixture(name, SPLITS, make_problem, f"worked_arithmetic:{name}:{seed}", size, exclude)
 
 
 def write_splits(data_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0,

@@ -1,4 +1,4 @@
-"""Rollouts with ``transformers.generate`` and the per-token log-probs the trainer differentiates.
+"""Rollouts (``transformers.generate``, or a KV-cache loop) and the per-token log-probs the trainer differentiates.
 
 Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-padded after the first EOS).
 
@@ -11,6 +11,11 @@ Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-pad
   against the sampler's log-probs to 1e-5. Its pieces are public for the trainer: :func:`response_logits` (the
   forward pass, ``(B, R, V)`` tempered logits) and :func:`sampled_logprobs` (log π of the sampled tokens as
   ``logits[y] − logsumexp(logits)``, which keeps no ``(B, R, V)`` log-softmax alive for the backward pass).
+
+For long answers of varied length (the trainer's ``long_answers``) two variants skip the padding that
+dominates the work there: :func:`sample` draws :func:`generate`'s tokens in a no-grad KV-cache loop that takes
+finished rows out of the batch, and :func:`trimmed_response_logits` computes :func:`response_logits` in slices of
+rows of similar length, each cut to its longest response (same numbers up to rounding, tested).
 
 Memory: full-vocabulary tensors cost ``4·B·R·V`` bytes each (Qwen's V = 152k: 0.6 GB per 1000 response
 tokens), so nothing here builds more of them than it must: the model computes logits only at the positions
@@ -241,7 +246,8 @@ def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             if n_live <= 3 * running.shape[0] // 4:  # take the ended rows out of the batch
                 keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                running, live, y, attention, position = running[keep], live[keep], y[keep], attention[keep], position[keep]
+                running, live, y = running[keep], live[keep], y[keep]
+                attention, position = attention[keep], position[keep]
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
             out = model(input_ids=y, attention_mask=attention, position_ids=position, use_cache=True, **{kw: cache})
             cache, step_logits = _returned_cache(out), out.logits[:, -1]

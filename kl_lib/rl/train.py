@@ -109,9 +109,9 @@ from kl_lib.rl.runlock import RunLockedError, lock_holder, locked_message
 from kl_lib.rl.tracking import TRACKERS, make_tracker, tracking_choice
 from kl_lib.tasks import Problem, Task, get_task
 
-__all__ = ["SHORT_ANSWER_TOKENS", "Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models", "finish",
-           "forward_logits", "log_step", "long_answers", "micro_pass", "optimizer_step", "prepare", "reference",
-           "reference_logprobs", "resolve_device", "resume", "rollout", "score", "train", "update"]
+__all__ = ["SHORT_ANSWER_TOKENS", "Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models",
+           "finish", "forward_logits", "log_step", "long_answers", "micro_pass", "optimizer_step", "prepare",
+           "reference", "reference_logprobs", "resolve_device", "resume", "rollout", "score", "train", "update"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -272,9 +272,11 @@ def prepare(cfg: RLConfig, on_conflict: str = "refuse") -> Trainer | RunResult:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     fixed_width = len(shards) > 1 or ddp.enabled
     # Train on the sampling forward itself: only for one on-policy REINFORCE pass over the whole batch.
-    fuse_rollout = (cfg.rollout_grad and not long_answers(cfg) and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
-                    and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
-                    and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
+    # Not for long answers (see long_answers).
+    fuse_rollout = (cfg.rollout_grad and not long_answers(cfg) and engine is None and cfg.async_lag == 0
+                    and cfg.policy_loss == "reinforce" and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1
+                    and not cfg.gradient_checkpointing and not fixed_width
+                    and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
     lineage = run_identity(cfg, problems, steps=1)
     lock = _open_run_dir(cfg, ddp, run_dir, identity, lineage, problems, on_conflict)
     return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, lineage, lock, device, autocast_dtype,

@@ -437,7 +437,7 @@ def long_answers(cfg: RLConfig) -> bool:
     Up to it (every run of the short-answer study): sampling with the graph kept (``rollout_grad``) or by
     ``generate``, and forward passes over the padded batch. Above it, answers of varied length make padding the
     bulk of the work and a decode graph's backward slow (``benchmarks/bench_trl.py``: at a 48-token budget the
-    fused path ran at 0.6× TRL, these paths at 2×), so ``rollout_grad`` is not used and the trainer samples
+    fused path ran at 0.8× TRL, these paths at 1.9–2.0×), so ``rollout_grad`` is not used and the trainer samples
     with :func:`kl_lib.rl.rollout.sample` (``generate``'s tokens, finished rows dropped) and computes log-probs
     with :func:`kl_lib.rl.rollout.trimmed_response_logits` (no padding): the same numbers up to rounding.
     """

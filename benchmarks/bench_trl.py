@@ -23,7 +23,12 @@ differences, none of which changes the work per step: TRL's advantage is (R − 
 (R − mean)/(std + 1e-6); TRL samples prompts with its shuffling sampler, ours with a seeded ``random.sample``
 (so the two see different prompts, of the same length: ``add3`` prompts are all 11 tokens); TRL computes
 log-probs with a chunked fused LM head (no ``(B, T, V)`` logits) and no position ids, ours materialises the
-full log-probs (for the analytic estimator and logging) and passes position ids from the attention mask. Both:
+full log-probs (for the analytic estimator and logging) and passes position ids from the attention mask. How
+each side gets through a step differs with the answer budget: up to ``kl_lib.rl.train.SHORT_ANSWER_TOKENS`` (16)
+ours trains on its sampling forward (``rollout_grad``: no recomputation); above it (``--max-new-tokens 48``) it
+samples without a graph, taking finished rows out of the batch (``kl_lib.rl.rollout.sample``: ``generate``'s
+tokens), and runs the reference and training passes without the padding (``trimmed_response_logits``), while
+TRL's ``generate`` runs every row to the longest answer and its passes cover the padded batch. Both:
 temperature 1, no top-k/top-p, fp32, no vLLM, no gradient checkpointing, constant learning rate, gradient
 clipping at 1.0, no checkpoint saving or logging inside the timed steps (``report_to="none"``,
 ``save_strategy="no"``; ours checkpoints only after the last step).
@@ -292,9 +297,11 @@ def profile_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_d
     loop = total - sum(outside.values())
     parts = {
         "generate": cumulative("generate", "transformers/generation"),
+        "sampling without a graph, finished rows dropped (long answers)": cumulative("sample", "kl_lib/rl/rollout"),
         "sampling with the graph kept (policy forward with grad + reference, rollout_grad)":
             cumulative("sample_with_logits", "kl_lib"),
-        "log-prob forwards (policy with grad, reference without)": cumulative("response_logits", "kl_lib"),
+        "log-prob forwards (policy with grad, reference without)": cumulative("response_logits", "kl_lib")
+        + cumulative("trimmed_response_logits", "kl_lib"),
         "backward": cumulative("run_backward"),
         "optimizer step": cumulative("step", "torch/optim/adam"),
         "finite-weights check": cumulative("isfinite"),

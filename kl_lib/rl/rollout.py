@@ -1,4 +1,4 @@
-"""Rollouts with ``transformers.generate`` and the per-token log-probs the trainer differentiates.
+"""Rollouts (``transformers.generate``, or a KV-cache loop) and the per-token log-probs the trainer differentiates.
 
 Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-padded after the first EOS).
 
@@ -11,6 +11,11 @@ Shapes: B sequences, P prompt tokens (left-padded), R response tokens (right-pad
   against the sampler's log-probs to 1e-5. Its pieces are public for the trainer: :func:`response_logits` (the
   forward pass, ``(B, R, V)`` tempered logits) and :func:`sampled_logprobs` (log π of the sampled tokens as
   ``logits[y] − logsumexp(logits)``, which keeps no ``(B, R, V)`` log-softmax alive for the backward pass).
+
+For long answers of varied length (the trainer's ``long_answers``) two variants skip the padding that
+dominates the work there: :func:`sample` draws :func:`generate`'s tokens in a no-grad KV-cache loop that takes
+finished rows out of the batch, and :func:`trimmed_response_logits` computes :func:`response_logits` in slices of
+rows of similar length, each cut to its longest response (same numbers up to rounding, tested).
 
 Memory: full-vocabulary tensors cost ``4·B·R·V`` bytes each (Qwen's V = 152k: 0.6 GB per 1000 response
 tokens), so nothing here builds more of them than it must: the model computes logits only at the positions
@@ -34,8 +39,8 @@ from torch import Tensor
 
 from kl_lib.lm.models import is_checkpointing
 
-__all__ = ["Rollout", "concat_rollouts", "generate", "response_logits", "response_mask", "sampled_logprobs",
-           "token_logprobs"]
+__all__ = ["Rollout", "concat_rollouts", "generate", "response_logits", "response_mask", "sample", "sampled_logprobs",
+           "token_logprobs", "trimmed_response_logits"]
 
 
 @dataclass
@@ -187,6 +192,74 @@ def sample_with_logits(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor
     return roll, logits, (torch.stack(ref_logits, 1) if reference is not None else None)
 
 
+def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
+           seed: int, autocast_dtype: torch.dtype | None = None, group_size: int = 1) -> Rollout:
+    """:func:`generate`'s rollout (the same draws for the same seed) by a plain no-grad KV-cache loop that takes
+    finished rows out of the batch.
+
+    ``generate`` runs every row until the last one ends; with answers of varied length most of that work is on
+    rows that have ended (at a 48-token budget and a mean length of 20, more than half). Here the running batch
+    is cut to the rows still going whenever a quarter of it has ended (the cache and mask rows are selected).
+    Tokens are drawn for the whole batch ``(B, V)`` each step with ``torch.multinomial`` (ended rows get a uniform
+    distribution whose draws are discarded), so the random stream, and hence every token, is the one
+    ``generate`` draws; only the rounding of a smaller batch's products can differ (last bits of the logits).
+    ``behavior_logp`` is log softmax(logits / T) of each drawn token, as :func:`generate` records it.
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    B, eos, pad = prompt_ids.shape[0], tokenizer.eos_token_id, tokenizer.pad_token_id
+    kw = _cache_kwarg(model)
+    G = group_size if _shared_prompt_groups(prompt_ids, prompt_mask, group_size) else 1
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _autocast(model, autocast_dtype), torch.inference_mode():
+        torch.manual_seed(seed)
+        attention = prompt_mask.long()
+        position = (attention.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=prompt_ids[::G], attention_mask=attention[::G], position_ids=position[::G],
+                    use_cache=True, logits_to_keep=1) if _accepts(model, "logits_to_keep") else \
+            model(input_ids=prompt_ids[::G], attention_mask=attention[::G], position_ids=position[::G], use_cache=True)
+        cache, step_logits = _returned_cache(out), out.logits[:, -1].repeat_interleave(G, 0)  # (B, V)
+        if G > 1:
+            cache.batch_repeat_interleave(G)
+        del out
+        position = attention.sum(-1, keepdim=True)  # (B, 1): the next token's position id
+        running = torch.arange(B, device=device)  # rows of the batch the model runs on (some may have ended)
+        live = torch.ones(B, dtype=torch.bool, device=device)  # per running row: not ended
+        tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        logp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        width = 0
+        for t in range(max_new_tokens):
+            width = t + 1
+            logprobs = torch.log_softmax(step_logits.float() / temperature, -1)  # (n, V)
+            probs = torch.full((B, logprobs.shape[-1]), 1.0 / logprobs.shape[-1], device=device)
+            probs[running] = logprobs.exp()
+            y = torch.multinomial(probs, 1)[running]  # (n, 1): the draws of the running rows
+            rows = running[live]
+            tokens[rows, t] = y[live, 0]
+            logp[rows, t] = logprobs.gather(-1, y)[live, 0]
+            live = live & (y[:, 0] != eos)
+            n_live = int(live.sum())
+            if n_live == 0 or t == max_new_tokens - 1:
+                break
+            if n_live <= 3 * running.shape[0] // 4:  # take the ended rows out of the batch
+                keep = live.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                running, live, y = running[keep], live[keep], y[keep]
+                attention, position = attention[keep], position[keep]
+            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
+            out = model(input_ids=y, attention_mask=attention, position_ids=position, use_cache=True, **{kw: cache})
+            cache, step_logits = _returned_cache(out), out.logits[:, -1]
+            position = position + 1
+        del cache, out
+    model.train(was_training)
+    response_ids, logp = tokens[:, :width].clone(), logp[:, :width].clone()  # ordinary tensors again
+    mask, finished = response_mask(response_ids, eos)
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished, logp, texts)
+
+
 class _SampledLogProbs:
     """A logits processor that records log μ(y_t | s_t) of each sampled token, one step behind.
 
@@ -308,6 +381,64 @@ def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
     logits = logits.float()  # a copy only of lower-precision (autocast) logits
     # In place: `/` would hold a second (B, R, V) copy while the first is alive (nothing saved either for backward).
     return logits.div_(temperature) if temperature != 1.0 else logits  # (B, R, V): each response token's distribution
+
+
+def trimmed_response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                            response_mask: Tensor, temperature: float = 1.0,
+                            autocast_dtype: torch.dtype | None = None, group_size: int = 1,
+                            chunks: int = 4) -> Tensor:
+    """:func:`response_logits` without computing most of the padding: ``(B, R, V)``; at masked positions, the
+    logits of the padding a slice computed, or 0 past its longest response.
+
+    A batch padded to its longest response spends most of its forward and backward pass on padding when lengths
+    vary (a 48-token budget and a mean length of 20: 60% of the response positions). Here the rows are sorted by
+    response length and cut into ``chunks`` slices, each run at its own longest response. Groups of
+    ``group_size`` identical prompts are encoded once, as in :func:`response_logits`, and each slice reads its
+    rows of that key/value cache (gradients flow back into the one prompt pass); without groups each slice runs
+    its prompts too, less the left-padding columns none of its rows uses (position ids follow the mask, so
+    nothing moves). The logits at valid positions are :func:`response_logits`' up to rounding (tested: log-probs
+    to 1e-5, gradients to 1e-4); equal masks give equal slices, so the reference, scored by the same call, still
+    equals the policy bit for bit while their weights are equal.
+    """
+    B, P, R = *prompt_ids.shape, response_ids.shape[1]
+    attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    lengths = response_mask.sum(-1)
+    order = torch.argsort(lengths, stable=True)
+    keep = (lambda k: {"logits_to_keep": k}) if _accepts(model, "logits_to_keep") else (lambda k: {})
+    checkpointing = torch.is_grad_enabled() and model.training and is_checkpointing(model)
+    G = group_size if not checkpointing and _shared_prompt_groups(prompt_ids, prompt_mask, group_size) else 1
+    pieces = []
+    with _autocast(model, autocast_dtype):
+        if G > 1:  # all prompt positions' logits, for the bitwise reference (see response_logits)
+            prompt_out = model(input_ids=prompt_ids[::G], attention_mask=prompt_mask[::G].long(),
+                               position_ids=position_ids[::G, :P], use_cache=True)
+            cache, first = _returned_cache(prompt_out), prompt_out.logits[:, -1:]  # (B/G, 1, V)
+            del prompt_out
+        for rows in order.tensor_split(min(chunks, B)):
+            r = max(1, int(lengths[rows].max()))
+            if G > 1:
+                groups = rows // G
+                rest = model(input_ids=response_ids[rows, :r], attention_mask=attention[rows, :P + r],
+                             position_ids=position_ids[rows, P:P + r], use_cache=False,
+                             **{_cache_kwarg(model): _cache_rows(cache, groups)}).logits[:, :-1]
+                logits = torch.cat([first[groups], rest], 1)  # (c, r, V)
+            else:
+                s = int((prompt_mask[rows].sum(0) > 0).long().argmax())  # the slice's first prompt column in use
+                input_ids = torch.cat([prompt_ids[rows, s:], response_ids[rows, :r]], 1)
+                logits = model(input_ids=input_ids, attention_mask=attention[rows, s:P + r],
+                               position_ids=position_ids[rows, s:P + r], **keep(r + 1)).logits[:, -r - 1:-1]
+            pieces.append(torch.nn.functional.pad(logits.float(), (0, 0, 0, R - r)))
+    logits = torch.cat(pieces)[torch.argsort(order)]
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _cache_rows(cache, index: Tensor):
+    """A new cache of ``cache``'s class holding the rows ``index`` of each layer's keys and values (differentiable)."""
+    rows = type(cache)()
+    for layer, (keys, values, *_) in enumerate(cache):
+        rows.update(keys[index], values[index], layer)
+    return rows
 
 
 def sampled_logprobs(logits: Tensor, response_ids: Tensor) -> Tensor:

@@ -8,6 +8,8 @@
    policy, or with ``async_lag = k`` the policy of k steps earlier (off-policy, as in asynchronous RL). For one
    on-policy REINFORCE pass over the whole batch (``rollout_grad``), the sampling forward keeps its autograd
    graph and *is* the training forward (the reference is scored in the same loop), instead of being recomputed.
+   Above ``SHORT_ANSWER_TOKENS`` of answer budget (:func:`long_answers`) the trainer instead samples without
+   a graph, taking finished rows out of the batch, and its forward passes skip the padding.
 2. :func:`score`: R ∈ {0, 1} from the task's verifier and the advantages within each prompt's group
    (``kl_lib.rl.losses``: RLOO, GRPO or Dr. GRPO).
 3. :func:`update`: ``ppo_epochs`` × ``ppo_minibatches`` AdamW updates (one for REINFORCE) of the loss (minimised)
@@ -99,16 +101,18 @@ from kl_lib.rl.rollout import (
     concat_rollouts,
     generate,
     response_logits,
+    sample,
     sample_with_logits,
     sampled_logprobs,
+    trimmed_response_logits,
 )
 from kl_lib.rl.runlock import RunLockedError, lock_holder, locked_message
 from kl_lib.rl.tracking import TRACKERS, make_tracker, tracking_choice
 from kl_lib.tasks import Problem, Task, get_task
 
-__all__ = ["Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models", "finish", "forward_logits",
-           "log_step", "micro_pass", "optimizer_step", "prepare", "reference", "reference_logprobs", "resolve_device",
-           "resume", "rollout", "score", "train", "update"]
+__all__ = ["SHORT_ANSWER_TOKENS", "Batch", "Hooks", "RunResult", "Scores", "Trainer", "Update", "build_models",
+           "finish", "forward_logits", "log_step", "long_answers", "micro_pass", "optimizer_step", "prepare",
+           "reference", "reference_logprobs", "resolve_device", "resume", "rollout", "score", "train", "update"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,9 +273,11 @@ def prepare(cfg: RLConfig, on_conflict: str = "refuse") -> Trainer | RunResult:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     fixed_width = len(shards) > 1 or ddp.enabled
     # Train on the sampling forward itself: only for one on-policy REINFORCE pass over the whole batch.
-    fuse_rollout = (cfg.rollout_grad and engine is None and cfg.async_lag == 0 and cfg.policy_loss == "reinforce"
-                    and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1 and not cfg.gradient_checkpointing
-                    and not fixed_width and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
+    # Not for long answers (see long_answers).
+    fuse_rollout = (cfg.rollout_grad and not long_answers(cfg) and engine is None and cfg.async_lag == 0
+                    and cfg.policy_loss == "reinforce" and cfg.ppo_epochs == 1 and cfg.ppo_minibatches == 1
+                    and not cfg.gradient_checkpointing and not fixed_width
+                    and cfg.micro_batch_size in (0, cfg.prompts_per_step * cfg.group_size))
     lineage = run_identity(cfg, problems, steps=1)
     lock = _open_run_dir(cfg, ddp, run_dir, identity, lineage, problems, on_conflict)
     return Trainer(cfg, task, problems, ddp, shards, run_dir, identity, lineage, lock, device, autocast_dtype,
@@ -423,10 +429,26 @@ def rollout(tr: Trainer, step: int) -> Batch | str:
     return Batch(roll, problems, logits, ref_logits)
 
 
+SHORT_ANSWER_TOKENS = 16  # answer budgets up to this use the step-by-step paths (see long_answers)
+
+
+def long_answers(cfg: RLConfig) -> bool:
+    """Whether the run's answer budget is above ``SHORT_ANSWER_TOKENS``, where the length-trimmed paths pay.
+
+    Up to it (every run of the short-answer study): sampling with the graph kept (``rollout_grad``) or by
+    ``generate``, and forward passes over the padded batch. Above it, answers of varied length make padding the
+    bulk of the work and a decode graph's backward slow (``benchmarks/bench_trl.py``: at a 48-token budget the
+    fused path ran at 0.8× TRL, these paths at 1.9–2.0×), so ``rollout_grad`` is not used and the trainer samples
+    with :func:`kl_lib.rl.rollout.sample` (``generate``'s tokens, finished rows dropped) and computes log-probs
+    with :func:`kl_lib.rl.rollout.trimmed_response_logits` (no padding): the same numbers up to rounding.
+    """
+    return cfg.max_new_tokens > SHORT_ANSWER_TOKENS
+
+
 def _sample(tr: Trainer, model: torch.nn.Module, ids: Tensor, mask: Tensor,
             seed: int) -> tuple[Rollout, Tensor | None, Tensor | None]:
     """One shard's ``(rollout, logits, ref_logits)``: with the graph kept (:func:`sample_with_logits`), else by
-    ``generate`` or vLLM (no logits)."""
+    ``generate`` (long answers: :func:`sample`) or vLLM (no logits)."""
     cfg = tr.cfg
     kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed,
           "group_size": cfg.group_size}
@@ -434,7 +456,8 @@ def _sample(tr: Trainer, model: torch.nn.Module, ids: Tensor, mask: Tensor,
         return sample_with_logits(tr.policy, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype,
                                   reference=lambda: reference(tr.policy, tr.ref), **kw)
     if tr.engine is None:
-        return generate(model, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype, **kw), None, None
+        sampler = sample if long_answers(cfg) else generate
+        return sampler(model, tr.tokenizer, ids, mask, autocast_dtype=tr.autocast_dtype, **kw), None, None
     return tr.engine.generate(ids, mask, eos_token_id=tr.tokenizer.eos_token_id,
                               pad_token_id=tr.tokenizer.pad_token_id, **kw), None, None
 
@@ -464,9 +487,10 @@ def reference(policy: torch.nn.Module, ref: torch.nn.Module | None):
 
 def forward_logits(tr: Trainer, model: torch.nn.Module, roll: Rollout, rows: Tensor, group_size: int) -> Tensor:
     """The tempered logits ``(m, R, V)`` of ``model`` on the rows ``rows`` of the batch (prompt groups of
-    ``group_size`` rows share their prompt's forward pass)."""
-    return response_logits(model, roll.prompt_ids[rows], roll.prompt_mask[rows], roll.response_ids[rows],
-                           roll.response_mask[rows], tr.cfg.temperature, tr.autocast_dtype, group_size)
+    ``group_size`` rows share their prompt's forward pass; long answers: without the padding)."""
+    forward = trimmed_response_logits if long_answers(tr.cfg) else response_logits
+    return forward(model, roll.prompt_ids[rows], roll.prompt_mask[rows], roll.response_ids[rows],
+                   roll.response_mask[rows], tr.cfg.temperature, tr.autocast_dtype, group_size)
 
 
 def _sampled(logits: Tensor, logprobs: Tensor | None, response_ids: Tensor) -> Tensor:

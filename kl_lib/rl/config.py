@@ -102,7 +102,9 @@ class RLConfig:
     """On-policy REINFORCE with the whole batch in one pass (no ``async_lag``, PPO, micro-batches, gradient
     checkpointing, vLLM or rollout shards): sample with the autograd graph kept and train on the sampling
     forward itself instead of recomputing it (same gradient, a third less model compute). False: always
-    ``generate`` then recompute."""
+    ``generate`` then recompute. Only for ``max_new_tokens`` ≤ ``kl_lib.rl.train.SHORT_ANSWER_TOKENS`` (16):
+    longer budgets always sample without a graph, dropping finished rows, and recompute without most of the
+    padding (``long_answers``): the same numbers up to rounding, about 2× TRL's speed at 48 tokens."""
     # ---- objective
     advantage: str = "rloo"
     """``rloo`` (leave-one-out baseline, the paper's), ``grpo`` ((R − mean)/std) or ``drgrpo`` (R − mean)."""

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -362,7 +363,12 @@ window.addEventListener('load', markImages);
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, na_rep="–", float_format=lambda x: f"{x:.3g}", border=0, escape=True)
+    return _strong(df.to_html(index=False, na_rep="–", float_format=lambda x: f"{x:.3g}", border=0, escape=True))
+
+
+def _strong(escaped_html: str) -> str:
+    """``**text**`` (how findings mark unconfirmed paper facts) as bold, in already escaped HTML."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped_html)
 
 
 def _verdict_span(verdict: str) -> str:
@@ -457,14 +463,16 @@ def _header_html(a: _Analysis, runs_dir: Path, notebooks_dir: Path, out_dir: Pat
 
 def _findings_html(found: list[fnd.Finding]) -> str:
     parts = ["<h2>Findings</h2><p>Hypotheses from the paper, tested with rules fixed in advance "
-             "(<code>kl_lib.study.findings</code>): a difference is supported when its 95% interval excludes 0 in the "
-             "claimed direction; a rate comparison when the one-sided Fisher exact p &lt; 0.05.</p><ul>"]
+             "(<code>docs/statistics.md</code>, <code>kl_lib.study.findings</code>): every test is two-sided at "
+             "α = 0.05 and compares runs only within one β or lag; rates by an exact test, accuracy differences by an "
+             "exact permutation test over seeds with a bootstrap interval; secondary rows are Holm-adjusted; a row "
+             "whose smallest attainable p is ≥ α is “not testable at this scale”.</p><ul>"]
     for f in found:
         nums = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in f.numbers.items()
                          if not (isinstance(v, float) and math.isnan(v)))
         parts.append(f"<li><b>{f.id}</b>: {html.escape(f.hypothesis)} <br>Verdict: {_verdict_span(f.verdict)}. "
                      f"<br><small>Test: {html.escape(f.test)}<br>Numbers: {html.escape(nums)}<br>Paper: "
-                     f"{html.escape(f.paper)}</small></li>")
+                     f"{_strong(html.escape(f.paper))}</small></li>")
     parts.append("</ul>")
     return "\n".join(parts)
 

@@ -30,7 +30,6 @@ import pytest
 import torch
 import yaml
 
-from kl_lib.lm.models import save_untrained_model
 from kl_lib.rl.checkpoints import (
     CheckpointError,
     DiskFullError,
@@ -44,20 +43,9 @@ from kl_lib.rl.sweep import run_sweep
 from kl_lib.rl.train import main as train_main
 from kl_lib.rl.train import train
 from kl_lib.study.tables import results_table
-from kl_lib.tasks.arithmetic import write_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"rl_train": 64, "id_test": 16, "ood_test": 16, "sft": 32}
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model_dir = save_untrained_model(root / "model", seed=0, hidden_size=32, num_layers=2, num_heads=2,
-                                     intermediate_size=64)
-    write_splits(root / "data", seed=0, sizes=SIZES)
-    return root, model_dir
 
 
 def _cfg(tiny, runs_dir=None, **kw):

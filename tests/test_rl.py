@@ -36,15 +36,6 @@ from kl_lib.tasks.arithmetic import write_splits
 SIZES = {"rl_train": 64, "id_test": 16, "ood_test": 16, "sft": 32}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    model_dir = save_untrained_model(root / "model", seed=0, hidden_size=32, num_layers=2, num_heads=2,
-                                     intermediate_size=64)
-    write_splits(root / "data", seed=0, sizes=SIZES)
-    return root, model_dir
-
-
 def _cfg(tiny, **kw):
     root, model_dir = tiny
     base = {"model": str(model_dir), "data_dir": str(root / "data"), "steps": 3, "prompts_per_step": 4,

@@ -11,22 +11,12 @@ import torch
 import kl_lib.rl.train as rl_train
 from kl_lib import tasks
 from kl_lib.config import KLConfig
-from kl_lib.lm.models import format_prompt, load_model, load_tokenizer, save_untrained_model
+from kl_lib.lm.models import format_prompt, load_model, load_tokenizer
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.rollout import generate, response_logits, sample, sampled_logprobs, trimmed_response_logits
-from kl_lib.tasks.arithmetic import write_splits
 
 PROMPTS = ["1+2=", "123+456=", "99-7=", "5+5=", "40+2=", "7-3=", "310+5=", "8+8="]
 BUDGET = 24  # > SHORT_ANSWER_TOKENS: rows of an untrained model end at very different steps
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speedpaths")
-    model_dir = save_untrained_model(root / "model", seed=0, hidden_size=32, num_layers=2, num_heads=2,
-                                     intermediate_size=64)
-    write_splits(root / "data", seed=0, sizes={"rl_train": 64, "id_test": 16, "ood_test": 16, "sft": 32})
-    return root, model_dir
 
 
 def _batch(tokenizer, group_size):

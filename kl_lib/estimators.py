@@ -216,12 +216,4 @@ def clamp_log_ratio(log_ratio: Tensor, bound: float, mask: Tensor | None = None)
     Returns:
         ``(clamped, clip_fraction)`` with ``clip_fraction`` a 0-dim tensor in [0, 1].
     """
-    if not (bound > 0 and bound < float("inf")):
-        raise ValueError(f"clamp bound must be positive and finite, got {bound!r}")
-    clipped = log_ratio.detach().abs() > bound
-    if mask is None:
-        fraction = clipped.to(log_ratio.dtype).mean()
-    else:
-        m = mask.to(log_ratio.dtype)
-        fraction = (clipped.to(log_ratio.dtype) * m).sum() / m.sum().clamp_min(1.0)
-    return log_ratio.clamp(-bound, bound), fraction
+    return clamp_value(log_ratio, bound, mask)

@@ -126,7 +126,7 @@ class RLConfig:
     Both are unbiased (``kl_lib.rl.losses.kl_reward_loo_baseline``). At its default the field is left out of
     :meth:`digest`, so runs made before it existed keep their identity."""
     aggregation: str = "sum"
-    """How per-token terms are combined: ``sum`` over tokens (DESIGN.md) or ``token_mean`` per sequence."""
+    """How per-token terms are combined: ``sum`` over tokens (docs/contract.md §3) or ``token_mean`` per sequence."""
     async_lag: int = 0
     """Off-policy: rollouts come from the policy of this many steps earlier (0 = on-policy)."""
     # ---- optimisation

@@ -64,8 +64,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-
-
 def read_jsonl(path: str | os.PathLike, is_row: Callable[[Any], bool] = lambda row: True,
                what: str = "row") -> list[Any]:
     """The JSON rows of a JSONL file that is appended to line by line (metrics of a run).
@@ -91,6 +89,7 @@ def read_jsonl(path: str | os.PathLike, is_row: Callable[[Any], bool] = lambda r
             break
         rows.append(row)
     return rows
+
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""

@@ -222,7 +222,8 @@ class RLConfig:
         return config_digest(d)
 
     def run_name(self) -> str:
-        """Deterministic: ``<kl name>-b<beta>[-lag<k>][-lora]-s<seed>``, or ``nokl-…`` when β = 0."""
+        """Deterministic: ``<kl name>-b<beta>[-lag<k>][-ppo][-mb<m>][-ep<e>][-lora]-s<seed>``, or ``nokl-…`` when
+        β = 0 (``-mb``/``-ep`` only for more than one PPO minibatch or epoch per batch)."""
         if self.name:
             return self.name
         kl = "nokl" if self.kl.beta == 0 else f"{self.kl.name}-b{self.kl.beta:g}"
@@ -231,6 +232,10 @@ class RLConfig:
             parts.append(f"lag{self.async_lag}")
         if self.policy_loss == "ppo":
             parts.append("ppo")
+        if self.ppo_minibatches > 1:
+            parts.append(f"mb{self.ppo_minibatches}")
+        if self.ppo_epochs > 1:
+            parts.append(f"ep{self.ppo_epochs}")
         if self.finetune == "lora":
             parts.append("lora")
         parts.append(f"s{self.seed}")

@@ -30,8 +30,9 @@ def collapsing(level=0.5):
     return r
 
 
-def run_spec(label, beta, seed, setting="on-policy", lag=0, reward=None, kl=0.1, acc=(0.5, 0.3), diverged=False):
-    return dict(label=label, beta=beta, seed=seed, setting=setting, async_lag=lag,
+def run_spec(label, beta, seed, setting="on-policy", lag=0, reward=None, kl=0.1, acc=(0.5, 0.3), diverged=False,
+             minibatches=1):
+    return dict(label=label, beta=beta, seed=seed, setting=setting, async_lag=lag, ppo_minibatches=minibatches,
                 policy_loss="reinforce" if setting == "on-policy" else "ppo",
                 reward=steady() if reward is None else reward, kl=kl, acc=acc, diverged=diverged)
 
@@ -48,6 +49,7 @@ def make_tables(specs, seed=0):
         n = STEPS if not s["diverged"] else STEPS // 2
         results.append({"run": run, "setting": s["setting"], "label": s["label"], "beta": s["beta"],
                         "seed": s["seed"], "async_lag": s["async_lag"], "policy_loss": s["policy_loss"],
+                        "ppo_minibatches": s["ppo_minibatches"],
                         "steps": STEPS, "status": "diverged" if s["diverged"] else "done", "diverged": s["diverged"],
                         "evaluated": not s["diverged"], "scored_as_zero": s["diverged"]})
         kl = np.broadcast_to(np.asarray(s["kl"], float), (STEPS,))
@@ -121,6 +123,17 @@ def test_kl_blowup_is_a_fixed_threshold_in_nats():
     assert not blow[("k3 in reward", 0)] and blow[("k3 in reward", 1)]
     assert blow[("no KL", 0)] and blow[("k1 in loss", 0)]
     assert not out["unstable"].any() and out["unstable_incl_blowup"].sum() == 3
+
+
+def test_kl_blowup_threshold_is_the_studys():
+    """The long-answer study's threshold (41 nats, fixed in docs/preregistration.md) replaces the default."""
+    specs = [run_spec("k3 in reward", 0.1, 0, kl=20.0), run_spec("k3 in reward", 0.1, 1, kl=45.0)]
+    default = fnd.run_outcomes(make_tables(specs))
+    long = fnd.run_outcomes(make_tables(specs), kl_blowup_nats=41.0)
+    assert default["kl_blowup"].tolist() == [True, True]
+    assert long["kl_blowup"].tolist() == [False, True] and long.attrs["kl_blowup_nats"] == 41.0
+    f1 = fnd.finding_f1(long)
+    assert "final KL > 41 nats" in f1.test
 
 
 def test_collapse_is_judged_at_the_end_of_training():
@@ -268,6 +281,36 @@ def test_f3_verdicts(unstable, expected):
     assert f.numbers["no_kl_runs"] == 6 and f.numbers["kl_runs"] == 18  # lags 2 and 8 only
     if expected == "supported":  # the collapsed no-KL runs end with less reward
         assert f.numbers["final_reward_verdict"] == "supported" and f.numbers["final_reward_low"] > 0
+
+
+def minibatch_axis(unstable=(), seeds=(0, 1, 2)):
+    """The long study's off-policy axis: lag 10 with 1 or 4 PPO minibatches; ``unstable`` maps minibatch count →
+    labels that collapse there."""
+    return [run_spec(label, beta, seed, setting=f"PPO lag 10{', 4 minibatches' if mb == 4 else ''}", lag=10,
+                     minibatches=mb, reward=collapsing() if label in unstable.get(mb, ()) else None)
+            for mb in (1, 4) for label, beta in OFF_LABELS for seed in seeds]
+
+
+def test_f3_strata_are_lag_and_minibatch_count():
+    """Runs at lag 10 with 1 and with 4 minibatches are two strata, never pooled: the per-stratum rows exist, and a
+    no-KL collapse only with 4 minibatches shows in that stratum's row alone."""
+    tables = make_tables(minibatch_axis(unstable={4: ("no KL",)}))
+    f = fnd.finding_f3(tables, fnd.run_outcomes(tables), np.random.default_rng(0), n_boot=400)
+    tests = f.evidence[(f.evidence["kind"] == "test") & (f.evidence["comparison"] == "unstable, no KL vs KL")]
+    per = tests.set_index("lag")
+    assert list(per.index) == ["all", 10, "10, 4 minibatches"]
+    assert per.loc[10, "events_a"] == 0 and per.loc["10, 4 minibatches", "events_a"] == 3
+    assert per.loc["10, 4 minibatches", "runs_b"] == 9  # three KL configurations × three seeds
+    assert f.numbers["no_kl_runs"] == 6 and f.numbers["kl_runs"] == 18
+    # 3 of 3 vs 0 of 9 in one stratum, 0 vs 0 in the other: the exact stratified p is 2/C(12, 3) = 0.009
+    assert f.verdict == "supported" and f.numbers["p_two_sided"] == pytest.approx(2 / math.comb(12, 3))
+
+
+def test_offpolicy_strata_and_settings_sort_by_lag_then_minibatches():
+    assert fnd.offpolicy_stratum(10, 1) == 10 and fnd.offpolicy_stratum(10, 4) == "10, 4 minibatches"
+    settings = ["PPO lag 10, 4 minibatches", "PPO lag 10", "on-policy", "PPO lag 2", "other"]
+    assert sorted(settings, key=fnd.setting_key) == ["on-policy", "PPO lag 2", "PPO lag 10",
+                                                     "PPO lag 10, 4 minibatches", "other"]
 
 
 def test_f3_accuracy_difference_has_its_own_verdict():

@@ -31,7 +31,7 @@ from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer
 from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
 __all__ = ["EvalSettings", "data_key", "evaluate_model", "evaluate_path", "evaluate_splits", "greedy_accuracy",
-           "load_for_eval", "load_splits", "model_digest", "pass_at_k"]
+           "load_for_eval", "load_splits", "model_digest", "pass_at_k", "response_statistics"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,19 @@ class EvalSettings:
     """The registered task whose splits and reward are used (``kl_lib.tasks``)."""
     temperature: float = 1.0
     """Sampling temperature of pass@k (the paper evaluates at 1.0)."""
+    max_problems: int = 0
+    """Evaluate the first N problems of each split (they are drawn i.i.d., so the first N are a random sample);
+    0 = all. Left out of :meth:`key` at 0, so evaluations made before the field existed keep their cache."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_problems, int) or self.max_problems < 0:
+            raise ValueError(f"EvalSettings.max_problems={self.max_problems!r} must be an integer ≥ 0 (0 = every problem)")
 
     def key(self) -> str:
-        return config_digest(asdict(self))
+        fields = asdict(self)
+        if not self.max_problems:
+            del fields["max_problems"]
+        return config_digest(fields)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -127,6 +137,46 @@ def evaluate_model(model, tokenizer, problems: list[Problem], settings: EvalSett
     return result
 
 
+@torch.no_grad()
+def response_statistics(model, tokenizer, problems: list[Problem], max_new_tokens: int, num_samples: int = 4,
+                        seed: int = 0, temperature: float = 1.0, batch_size: int = 512) -> dict[str, float]:
+    """How long and how random a model's sampled responses are: what the study's KL blow-up threshold is read from.
+
+    For each of ``num_samples`` responses per problem (temperature ``temperature``, end-of-sequence counted as a
+    token, as the trainer's response mask does): its length T and its *sequence entropy*
+    Σ_t H(π(·|s_t)) summed along the sampled path. By the chain rule the mean of the latter over samples is an
+    unbiased estimate of the entropy H(π(·|x)) of the whole response, averaged over prompts. Returns
+    ``median_length``, ``mean_length``, ``sequence_entropy`` (nats per response), ``token_entropy`` (nats per
+    token, Σ H / Σ T), ``finished_fraction`` and ``n_responses``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    lengths: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
+    finished: list[torch.Tensor] = []
+    per_batch = max(1, batch_size // num_samples)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(problems), per_batch):
+            enc = _encode(tokenizer, problems[start: start + per_batch], device)
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 output_scores=True, return_dict_in_generate=True)
+            response = out.sequences[:, enc["input_ids"].shape[1]:]
+            is_eos = (response == tokenizer.eos_token_id).int()
+            mask = (is_eos.cumsum(-1) - is_eos) == 0  # tokens up to and including the first EOS
+            logp = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (N, T, V), scores already / temperature
+            token_entropy = -(logp.exp() * logp).nan_to_num().sum(-1)  # (N, T)
+            lengths.append(mask.sum(-1))
+            entropies.append((token_entropy * mask).sum(-1))
+            finished.append(is_eos.any(-1))
+    length, entropy = torch.cat(lengths).double(), torch.cat(entropies).double()
+    return {"median_length": float(length.median()), "mean_length": float(length.mean()),
+            "sequence_entropy": float(entropy.mean()), "token_entropy": float(entropy.sum() / length.sum()),
+            "finished_fraction": float(torch.cat(finished).double().mean()), "n_responses": int(length.numel())}
+
+
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` from a model directory, or from a LoRA adapter directory (merged onto its base)."""
     path = Path(path)
@@ -171,7 +221,8 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[Problem]], settings
 def load_splits(settings: EvalSettings, data_dir: str | Path | None) -> dict[str, list[Problem]]:
     """The settings' task's evaluation splits, by name (from ``data_dir``, or the task's default)."""
     task = get_task(settings.task)
-    return {split: task.load_split(split, str(data_dir) if data_dir else None) for split in settings.splits}
+    splits = {split: task.load_split(split, str(data_dir) if data_dir else None) for split in settings.splits}
+    return {split: problems[: settings.max_problems or None] for split, problems in splits.items()}
 
 
 def data_key(splits: dict[str, list[Problem]]) -> str:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from kl_lib.files import write_json
 from kl_lib.lm.evaluate import EvalSettings, evaluate_path
-from kl_lib.lm.sft import SMOKE, train_base_model
+from kl_lib.lm.sft import SMOKE, TASK_PRESETS, SFTConfig, train_base_model
 from kl_lib.rl.checkpoints import evaluate_run
 from kl_lib.rl.config import (
     RLConfig,
@@ -58,10 +58,8 @@ from kl_lib.rl.config import (
 )
 from kl_lib.rl.runlock import RunLockedError
 from kl_lib.rl.train import train
-from kl_lib.tasks.arithmetic import SPLITS as DATA_SPLITS
-from kl_lib.tasks.arithmetic import write_splits
 
-__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep"]
+__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep", "smoke_sft_config"]
 
 
 
@@ -150,8 +148,9 @@ def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True,
 def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path = "configs/sweep.yaml",
                        model_dir: str | Path = "data/models/tiny-base-smoke", data_dir: str | Path = "data/arithmetic",
                        jobs: int = 2) -> Path:
-    """Build what ``make base-model sweep SMOKE=1`` builds (task data, the 200-step SFT model, the smoke
-    sweep with its evaluations and ``base_eval.json``), reusing everything already there; returns ``runs_dir``.
+    """Build what ``make base-model sweep SMOKE=1`` builds for ``sweep`` (its task's data, the 200-step smoke SFT
+    model of that task, the smoke sweep with its evaluations and ``base_eval.json``), reusing everything already
+    there; returns ``runs_dir``.
 
     This is how notebooks 04–05 run on a fresh clone in smoke mode. Only runs that are not finished (or finished
     but not evaluated) are handed to the sweep runner, so a complete smoke sweep costs a directory listing.
@@ -160,7 +159,8 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     spec = load_sweep_spec(sweep)
     overrides = [f"runs_dir={runs_dir}", f"model={model_dir}", f"data_dir={data_dir}"]
     configs = expand_sweep(spec, smoke=True, overrides=overrides)
-    settings = eval_settings(spec, smoke=True)
+    task = configs[0].task
+    settings = dataclasses.replace(eval_settings(spec, smoke=True), task=task)
 
     def complete(cfg: RLConfig) -> bool:
         d = runs_dir / cfg.run_name()
@@ -175,9 +175,7 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     todo = [c for c in configs if not complete(c)]
     if not todo and (runs_dir / "base_eval.json").exists():
         return runs_dir
-    if not all((data_dir / f"{s}.jsonl").exists() for s in DATA_SPLITS):
-        write_splits(data_dir)  # `make data`
-    train_base_model(model_dir, dataclasses.replace(SMOKE, data_dir=str(data_dir)))  # reused if current
+    train_base_model(model_dir, smoke_sft_config(task, data_dir))  # writes the task's splits first; reused if current
     evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
     # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
     results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
@@ -192,9 +190,18 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     return runs_dir
 
 
+def smoke_sft_config(task: str, data_dir: str | Path) -> SFTConfig:
+    """The smoke base model of ``task`` (``kl_lib.lm.sft.SMOKE``: seconds, mechanics only), with the task's
+    sequence and probe lengths from its preset; for ``arithmetic`` exactly ``SMOKE`` on ``data_dir``."""
+    lengths = {} if task == "arithmetic" else {
+        name: getattr(TASK_PRESETS[task], name) for name in ("max_positions", "probe_max_new_tokens")}
+    return dataclasses.replace(SMOKE, task=task, data_dir=str(data_dir), **lengths)
+
+
 _SWEEP_EXAMPLES = """examples:
   python -m kl_lib.rl.sweep configs/sweep.yaml --dry-run          list the runs and their digests
-  python -m kl_lib.rl.sweep configs/sweep.yaml --jobs 2           the study's sweep (make sweep)
+  python -m kl_lib.rl.sweep configs/sweep.yaml --jobs 2           the short-answer sweep (make sweep)
+  python -m kl_lib.rl.sweep configs/study.yaml --order seed       the long-answer study (make study)
   python -m kl_lib.rl.sweep configs/sweep.yaml --smoke --set runs_dir=runs/rl-smoke
   KL_TRACKING=tensorboard python -m kl_lib.rl.sweep ...           also <run_dir>/tensorboard/ (tracking extra)
 
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "$KL_SWEEP_JOBS, else 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field in every run, e.g. --set runs_dir=runs/rl-test (repeatable)")
+    parser.add_argument("--order", choices=("file", "seed"), default="file",
+                        help="file: runs in the order the file defines them (default); seed: every cell's first seed "
+                             "before any cell's second, so that a sweep cut short leaves complete seeds")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--move-aside", action="store_true",
                         help="a run directory holding a run of another config is renamed to <name>.old-<time> and "
@@ -231,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep_spec(args.sweep)
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
         settings = eval_settings(spec, smoke=args.smoke)
+        if args.order == "seed":
+            seeds = sorted({c.seed for c in configs})
+            configs = sorted(configs, key=lambda c: seeds.index(c.seed))  # stable: the file's order within a seed
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

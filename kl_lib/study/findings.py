@@ -56,6 +56,7 @@ Nothing in the analysis is chosen after seeing results; the verdict is what the 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -66,7 +67,7 @@ from kl_lib.study import stats
 from kl_lib.study.tables import SPLITS, RunTables
 
 __all__ = [
-    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_NATS", "BIASED", "UNBIASED", "K3_LOSS",
+    "COLLAPSE_FRACTION", "COLLAPSE_FLOOR", "KL_BLOWUP_NATS", "offpolicy_stratum", "BIASED", "UNBIASED", "K3_LOSS",
     "OFFPOLICY_KL", "NO_KL", "ON_POLICY", "LABEL_ORDER", "SPLIT_NAMES", "label_key", "setting_key", "sort_configs",
     "smoothing_window", "run_outcomes", "instability_table", "accuracy_table", "format_accuracy",
     "group_replicates", "rate_comparison", "stratified_rate_comparison", "bootstrap_difference", "Finding", "finding_f1", "finding_f2",
@@ -101,14 +102,23 @@ def label_key(label: str) -> int:
     return LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER)
 
 
-def setting_key(setting: str) -> tuple[int, int]:
-    """Sort key of a setting: on-policy first, then ``"... <lag>"`` settings by lag, anything else last."""
+def setting_key(setting: str) -> tuple[int, int, int]:
+    """Sort key of a setting: on-policy first, then ``"... lag k[, m minibatches]"`` settings by lag and
+    minibatches, anything else last."""
     if setting == ON_POLICY:
-        return (0, 0)
-    try:
-        return (1, int(setting.rsplit(" ", 1)[-1]))
-    except ValueError:
-        return (2, 0)
+        return (0, 0, 0)
+    match = re.search(r"lag (\d+)(?:, (\d+) minibatches)?$", setting)
+    return (1, int(match[1]), int(match[2] or 1)) if match else (2, 0, 0)
+
+
+def offpolicy_stratum(async_lag: int, ppo_minibatches: int = 1) -> int | str:
+    """F3's stratum of a lagged run: its lag, or ``"<lag>, <m> minibatches"`` with m > 1 PPO updates per batch."""
+    return int(async_lag) if ppo_minibatches == 1 else f"{int(async_lag)}, {int(ppo_minibatches)} minibatches"
+
+
+def _stratum_order(stratum: int | str) -> tuple[int, int]:
+    lag, _, rest = str(stratum).partition(", ")
+    return (int(lag), int(rest.split()[0]) if rest else 1)
 
 
 def sort_configs(df: pd.DataFrame) -> pd.DataFrame:
@@ -122,7 +132,7 @@ def sort_configs(df: pd.DataFrame) -> pd.DataFrame:
 # Per-run outcomes and the instability table
 
 
-def run_outcomes(tables: RunTables) -> pd.DataFrame:
+def run_outcomes(tables: RunTables, kl_blowup_nats: float = KL_BLOWUP_NATS) -> pd.DataFrame:
     """One row per run: the module docstring's outcomes and W-step means at the end of training.
 
     Columns: configuration columns, ``window``, ``diverged``, ``collapsed``, ``collapse_step``, ``peak_reward``,
@@ -147,6 +157,7 @@ def run_outcomes(tables: RunTables) -> pd.DataFrame:
         kl = m["kl/analytic"].astype(float)
         rows.append({
             "run": run, **{c: r[c] for c in ("setting", "label", "beta", "seed", "async_lag", "policy_loss", "steps")},
+            "ppo_minibatches": int(r.get("ppo_minibatches", 1)),
             "status": r["status"], "steps_completed": len(m), "window": w, "diverged": bool(r["diverged"]),
             "collapsed": collapsed,
             "collapse_step": int(m["step"].iloc[above[-1] + 1]) if collapsed else None,
@@ -157,10 +168,12 @@ def run_outcomes(tables: RunTables) -> pd.DataFrame:
             "kl_nonfinite": bool((~np.isfinite(kl)).any()),
         })
     out = pd.DataFrame(rows)
-    out["kl_blowup"] = out["kl_nonfinite"] | (out["final_kl"] > KL_BLOWUP_NATS)
+    out["kl_blowup"] = out["kl_nonfinite"] | (out["final_kl"] > kl_blowup_nats)
     out["unstable"] = out["diverged"] | out["collapsed"]
     out["unstable_incl_blowup"] = out["unstable"] | out["kl_blowup"]
-    return sort_configs(out)
+    out = sort_configs(out)
+    out.attrs["kl_blowup_nats"] = kl_blowup_nats  # read by finding_f1's description
+    return out
 
 
 def instability_table(outcomes: pd.DataFrame) -> pd.DataFrame:
@@ -312,7 +325,7 @@ def _rate_row(group: str, df: pd.DataFrame, col: str) -> dict[str, Any]:
 def _rate_test_row(comparison: str, stratum: Any, role: str, a: pd.DataFrame, b: pd.DataFrame, col: str,
                    by: str) -> dict[str, Any]:
     """One rate test of a > b, stratified by the column ``by`` (strata present in both groups)."""
-    keys = sorted(set(a[by]) & set(b[by]))
+    keys = sorted(set(a[by]) & set(b[by]), key=lambda k: (isinstance(k, str), str(k) if isinstance(k, str) else k))
     strata = [(int(a.loc[a[by] == k, col].sum()), int((a[by] == k).sum()),
                int(b.loc[b[by] == k, col].sum()), int((b[by] == k).sum())) for k in keys]
     test = stratified_rate_comparison(strata)
@@ -380,7 +393,8 @@ def finding_f1(outcomes: pd.DataFrame) -> Finding:
         hypothesis="Biased KL configurations (k3 in reward, k1 in loss) train unstably: they diverge, collapse "
                    "or blow up in KL more often than the other KL configurations (on-policy).",
         test="Exact conditional rate test stratified by β (Fisher's test per β, combined over β), two-sided at "
-             f"α = {stats.ALPHA}; unstable = diverged, final reward < ½ peak, or final KL > {KL_BLOWUP_NATS:g} "
+             f"α = {stats.ALPHA}; unstable = diverged, final reward < ½ peak, or final KL > "
+             f"{outcomes.attrs.get('kl_blowup_nats', KL_BLOWUP_NATS):g} "
              "nats per sequence (kl_lib.study.findings docstring); no-KL runs excluded. Secondary rows (each "
              "biased configuration; each β) Holm-adjusted.",
         verdict=verdict,
@@ -489,18 +503,21 @@ def _final_reward_replicates(outcomes: pd.DataFrame, cells: dict[str, list[str]]
 
 
 def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generator, n_boot: int = 4000) -> Finding:
-    """F3: lagged (off-policy) runs are stabilised by a KL term (strata: lag)."""
+    """F3: lagged (off-policy) runs are stabilised by a KL term (strata: lag, and the PPO minibatch count when it
+    is more than one: :func:`offpolicy_stratum`)."""
     lagged = outcomes[(outcomes["policy_loss"] == "ppo") & (outcomes["async_lag"] > 0)]
+    minibatches = lagged["ppo_minibatches"] if "ppo_minibatches" in lagged else pd.Series(1, index=lagged.index)
+    lagged = lagged.assign(stratum=[offpolicy_stratum(a, m) for a, m in zip(lagged["async_lag"], minibatches)])
     with_kl, no_kl = lagged[lagged["label"].isin(OFFPOLICY_KL)], lagged[lagged["label"] == NO_KL]
-    lags = sorted(lagged["async_lag"].unique())
+    lags = sorted(lagged["stratum"].unique(), key=_stratum_order)
     rates = [_rate_row("with KL (k1 in reward, k3 in loss, k3 in loss token IS)", with_kl, "unstable"),
              _rate_row("no KL", no_kl, "unstable")]
-    rates += [_rate_row(f"lag {lag}: {label}", g, "unstable") for (lag, label), g in lagged.groupby(["async_lag", "label"])]
-    tests = [_rate_test_row("unstable, no KL vs KL", "all", "primary", no_kl, with_kl, "unstable", "async_lag")]
-    tests += [_rate_test_row("unstable, no KL vs KL", lag, "secondary", no_kl[no_kl["async_lag"] == lag],
-                             with_kl[with_kl["async_lag"] == lag], "unstable", "async_lag") for lag in lags]
-    tests = pd.DataFrame(tests).rename(columns={"async_lag": "stratum"}).assign(split="train")
-    cells = {f"{label}@{lag}": list(lagged.loc[(lagged["label"] == label) & (lagged["async_lag"] == lag), "run"])
+    rates += [_rate_row(f"lag {lag}: {label}", g, "unstable") for (lag, label), g in lagged.groupby(["stratum", "label"])]
+    tests = [_rate_test_row("unstable, no KL vs KL", "all", "primary", no_kl, with_kl, "unstable", "stratum")]
+    tests += [_rate_test_row("unstable, no KL vs KL", lag, "secondary", no_kl[no_kl["stratum"] == lag],
+                             with_kl[with_kl["stratum"] == lag], "unstable", "stratum") for lag in lags]
+    tests = pd.DataFrame(tests).assign(split="train")
+    cells = {f"{label}@{lag}": list(lagged.loc[(lagged["label"] == label) & (lagged["stratum"] == lag), "run"])
              for label in (*OFFPOLICY_KL, NO_KL) for lag in lags}
     cells = {k: v for k, v in cells.items() if v}
     sources = [("final reward, KL − no KL", "train", _final_reward_replicates(outcomes, cells, rng, n_boot) + (cells,))]
@@ -514,10 +531,10 @@ def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generat
             diffs.append({**r, "split": split})
     rows = _decide(pd.concat([tests, pd.DataFrame(diffs)], ignore_index=True)).rename(columns={"stratum": "lag"})
     verdict, testable = _combine([rows.iloc[0]["verdict"]])
-    full = stratified_rate_comparison([(int(no_kl.loc[no_kl["async_lag"] == l, "unstable"].sum()),
-                                        int((no_kl["async_lag"] == l).sum()),
-                                        int(with_kl.loc[with_kl["async_lag"] == l, "unstable"].sum()),
-                                        int((with_kl["async_lag"] == l).sum())) for l in lags])
+    full = stratified_rate_comparison([(int(no_kl.loc[no_kl["stratum"] == l, "unstable"].sum()),
+                                        int((no_kl["stratum"] == l).sum()),
+                                        int(with_kl.loc[with_kl["stratum"] == l, "unstable"].sum()),
+                                        int((with_kl["stratum"] == l).sum())) for l in lags])
     numbers = {"no_kl_unstable": rates[1]["events"], "no_kl_runs": rates[1]["runs"], "kl_unstable": rates[0]["events"],
                "kl_runs": rates[0]["runs"], "p_value": full["p_greater"], "p_value_opposite": full["p_less"],
                "p_two_sided": full["p_value"], "min_p": full["min_p"], "testable": testable,
@@ -542,11 +559,11 @@ def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generat
               "collapses; k1 in reward and k3 in loss both stabilise it, k1 in reward ahead [PW, abs].")
 
 
-def all_findings(tables: RunTables, seed: int = 0, n_boot: int = 4000,
-                 outcomes: pd.DataFrame | None = None) -> list[Finding]:
-    """F1–F3 with one random generator seeded by ``seed``."""
+def all_findings(tables: RunTables, seed: int = 0, n_boot: int = 4000, outcomes: pd.DataFrame | None = None,
+                 kl_blowup_nats: float = KL_BLOWUP_NATS) -> list[Finding]:
+    """F1–F3 with one random generator seeded by ``seed`` (``kl_blowup_nats``: see :func:`run_outcomes`)."""
     rng = np.random.default_rng(seed)
-    outcomes = run_outcomes(tables) if outcomes is None else outcomes
+    outcomes = run_outcomes(tables, kl_blowup_nats) if outcomes is None else outcomes
     return [finding_f1(outcomes), finding_f2(tables, rng, n_boot), finding_f3(tables, outcomes, rng, n_boot)]
 
 

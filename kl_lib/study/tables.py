@@ -52,11 +52,13 @@ SPLITS = ("id_test", "ood_test")
 """The evaluation splits: in-domain (the RL task, held out) and out-of-domain."""
 
 
-def setting_name(policy_loss: str, async_lag: int) -> str:
-    """``"on-policy"`` for REINFORCE without lag, else ``"PPO lag k"`` (``"<loss> lag k"`` in general)."""
-    if policy_loss == "reinforce" and async_lag == 0:
+def setting_name(policy_loss: str, async_lag: int, ppo_minibatches: int = 1) -> str:
+    """``"on-policy"`` for REINFORCE without lag, else ``"PPO lag k"`` (``"<loss> lag k"`` in general), with
+    ``", m minibatches"`` when each batch is split into m > 1 PPO updates."""
+    if policy_loss == "reinforce" and async_lag == 0 and ppo_minibatches == 1:
         return "on-policy"
-    return f"{'PPO' if policy_loss == 'ppo' else policy_loss} lag {async_lag}"
+    minibatches = f", {ppo_minibatches} minibatches" if ppo_minibatches > 1 else ""
+    return f"{'PPO' if policy_loss == 'ppo' else policy_loss} lag {async_lag}{minibatches}"
 
 
 def _finished_runs(runs_dir: Path) -> list[Path]:
@@ -75,8 +77,9 @@ def results_table(runs_dir: str | Path) -> pd.DataFrame:
         final = ev.get("final")
         diverged = summary["status"] == "diverged"
         row = {
-            "run": d.name, "setting": setting_name(cfg["policy_loss"], cfg["async_lag"]), "label": run_label(cfg),
-            "beta": cfg["kl"]["beta"], "seed": cfg["seed"], "async_lag": cfg["async_lag"],
+            "run": d.name, "setting": setting_name(cfg["policy_loss"], cfg["async_lag"], cfg.get("ppo_minibatches", 1)),
+            "label": run_label(cfg), "beta": cfg["kl"]["beta"], "seed": cfg["seed"], "async_lag": cfg["async_lag"],
+            "ppo_minibatches": cfg.get("ppo_minibatches", 1),
             "policy_loss": cfg["policy_loss"], "advantage": cfg["advantage"], "steps": cfg["steps"],
             "status": summary["status"], "steps_completed": summary.get("steps_completed"),
             "diverged": diverged, "reward_collapse": bool(summary.get("reward_collapse", False)),

@@ -176,3 +176,32 @@ def test_setting_fields_reach_the_help_and_keep_the_plain_digests():
                                                     "value_clamp": 10})
     assert isinstance(clamped.kl, KLSetting) and clamped.kl.value_clamp == 10.0 and clamped.digest() != "392cbb554810"
     assert clamped.run_name() == "k1-reward-vclamp10-b0.1-s0"
+
+
+# ---- (e) the library aggregations and the group-normalised penalty do not depend on how a batch is split
+
+@pytest.mark.parametrize("aggregation, kl", [
+    ("global_token_mean", KLSetting("k3", "loss", beta=1.0, importance_weighting="token", value_clamp=10.0)),
+    ("constant", KLConfig("k1", "both", beta=1.0)),
+    ("sum", KLSetting("k1", "reward", beta=1.0, reward_normalization="group_std", group_size=2)),
+], ids=["global_token_mean", "constant", "group_std"])
+def test_micro_batches_give_the_same_metrics_for_library_terms(tiny, one_thread, digits, aggregation, kl):
+    """Passes of one prompt group (micro_batch_size = group_size) log the whole batch's metrics: the global token
+    mean divides by the update batch's tokens, not the pass's, and a pass holds whole groups. Equal up to float32
+    rounding (tolerances of tests/test_rl.py's micro-batch test)."""
+    runs = [_rows(_cfg(tiny, kl=kl, aggregation=aggregation, micro_batch_size=micro, rollout_grad=False,
+                       name=f"split-{aggregation}-{kl.name}-{micro}")) for micro in (0, 2)]
+    assert runs[0][1]["loss/kl"] != 0
+    for whole, split in zip(*runs):
+        assert split.keys() == whole.keys()
+        for key in whole:
+            assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), (whole["step"], key)
+
+
+def test_the_group_normalised_penalty_is_not_the_plain_one(tiny, one_thread, digits):
+    plain = _rows(_cfg(tiny, kl=KLConfig("k1", "reward", beta=1.0), name="penalty-plain"))
+    normalised = _rows(_cfg(tiny, kl=KLSetting("k1", "reward", beta=1.0, reward_normalization="group_std",
+                                               group_size=2), name="penalty-groupstd"))
+    assert plain[0] == normalised[0]  # step 0: every estimate is 0, so is every normalised penalty
+    assert plain[1]["kl/k1"] == normalised[1]["kl/k1"]  # the same policy after the same first update
+    assert normalised[1]["loss/kl"] != plain[1]["loss/kl"]

@@ -151,3 +151,40 @@ def test_aggregation_scale_matches_kl_term_on_enumerated_sequences(aggregation, 
     (grad,) = torch.autograd.grad(loss, theta)
     expected = analysis.expected_grad(analysis.Term(setting, aggregation, constant), policy, ref)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("lib, sets", [
+    ("trl-grpo", ["beta=0.04"]),
+    ("trl-grpo", ["beta=0.04", "loss_type=dr_grpo", "importance_sampling_level=sequence"]),
+    ("verl", ["actor_rollout_ref.actor.use_kl_loss=true"]),
+    ("verl", ["algorithm.use_kl_in_reward=true", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=8"]),
+    ("verl", ["algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=abs"]),
+    ("openrlhf", ["algo.kl.estimator=k3", "algo.kl.use_loss=true", "algo.kl.unbiased_gradient=true"]),
+    ("nemo-rl", []),
+    ("nemo-rl", ["loss_fn.use_kl_in_reward=true"]),
+    ("trl-rloo", []),
+])
+def test_cli_prints_trainer_overrides_that_load_the_audited_setting(lib, sets):
+    """The printed ``python -m kl_lib.rl.train --set …`` line loads into an RLConfig whose kl is the audited setting
+    (and whose aggregation is the term's)."""
+    from kl_lib.config import as_setting
+    from kl_lib.rl.config import load_config
+    result = _cli("--lib", lib, *(a for s in sets for a in ("--set", s)), "--lengths", "1", "--mc-groups", "100")
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("python -m kl_lib.rl.train")]
+    _, resolution = registry.resolve(registry.get_library(lib), dict(s.split("=", 1) for s in sets))
+    assert len(lines) == len(resolution.terms) == 1
+    overrides = lines[0].split()[3:]
+    assert overrides[::2] == ["--set"] * (len(overrides) // 2)
+    cfg = load_config(None, overrides[1::2])
+    (term,) = resolution.terms
+    assert as_setting(cfg.kl) == term.setting
+    assert (cfg.aggregation, cfg.aggregation_constant) == (term.aggregation, term.aggregation_constant)
+
+
+def test_cli_says_two_terms_are_two_runs():
+    result = _cli("--lib", "verl", "--set", "algorithm.use_kl_in_reward=true", "--set",
+                  "actor_rollout_ref.actor.use_kl_loss=true", "--lengths", "1")
+    assert result.returncode == 0, result.stderr
+    assert "not as one run: the trainer runs one KL term per run and these flags give 2" in result.stdout
+    assert result.stdout.count("python -m kl_lib.rl.train --set") == 2

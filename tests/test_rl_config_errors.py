@@ -109,8 +109,21 @@ UNKNOWN_KEYS = [
     ("stepz: 3\n", (), "unknown config key 'stepz'", "did you mean 'steps'?"),
     ("kl: {estimatr: k3}\n", (), "unknown KL key 'estimatr'", "did you mean 'estimator'?"),
     ("steps: 3\n", ("kl.bet=3",), "--set kl.bet=3: unknown KL key 'bet'", "did you mean 'beta'?"),
+    ("kl: {value_clmap: 10}\n", (), "unknown KL key 'value_clmap'",
+     "did you mean 'value_clamp'? (valid keys are beta, estimator, gradient_estimator, group_size"),
+    ("steps: 3\n", ("kl.vclamp=10",), "--set kl.vclamp=10: unknown KL key 'vclamp'", "valid keys are beta, "),
     ("steps: 3\n", ("learning_rate=1e-3",), "unknown config key 'learning_rate'", "valid keys are"),
     ("steps: 3\n", ("steps",), "--set steps", "must look like key=value"),
+]
+
+KL_SETTINGS = [  # a library's variant (kl_lib.config.KLSetting) the trainer refuses, naming the field
+    ("kl: {value_clamp: 0}\n", (), "KLSetting.value_clamp=0", "finite number > 0"),
+    ("kl: {reward_normalization: group_mean, group_size: 2}\n", (), "RLConfig.kl.group_size=2",
+     "must equal RLConfig.group_size=4"),
+    ("group_size: 2\nkl: {reward_normalization: group_std, group_size: 2}\n", ("kl_reward_baseline=loo",),
+     "kl_reward_baseline='loo'", "use kl_reward_baseline: none"),
+    ("aggregation: sum\n", ("aggregation_constant=64",), "RLConfig.aggregation_constant=64",
+     "only used with aggregation: constant"),
 ]
 
 WRONG_TYPES = [
@@ -133,8 +146,9 @@ LORA_TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("cases", [NUMBERS, INTEGERS, KL_SECTION, PATHS, UNKNOWN_KEYS, WRONG_TYPES, LORA_TARGETS],
-                         ids=["numbers", "integers", "kl_section", "paths", "unknown_keys", "wrong_types",
+@pytest.mark.parametrize("cases", [NUMBERS, INTEGERS, KL_SECTION, PATHS, UNKNOWN_KEYS, KL_SETTINGS, WRONG_TYPES,
+                                   LORA_TARGETS],
+                         ids=["numbers", "integers", "kl_section", "paths", "unknown_keys", "kl_settings", "wrong_types",
                               "lora_targets"])
 def test_each_bad_value_names_the_field_and_the_fix(tmp_path, cases):
     for text, overrides, field, fix in cases:

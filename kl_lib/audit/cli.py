@@ -4,7 +4,9 @@ Given a library and its flags (``--set``) or its config file (``--config``), pri
 produce (``kl_lib.audit.registry``), each term's expected gradient in the table's terms (G*, F, M, 0, G* − F, …;
 docs/contract.md §4) with a sentence, the exact relative bias, cosine with G* and noise-to-signal on reference toy
 policies at a few lengths T (``kl_lib.audit.analysis``), the known upstream bugs of that version, and the flags that
-give the unbiased gradient. Bad input (unknown library, flag, value or file) is one line on stderr, exit status 2.
+give the unbiased gradient, and the ``--set`` overrides that run the same KL term in kl_lib's trainer
+(``python -m kl_lib.rl.train``; :func:`trainer_overrides`). Bad input (unknown library, flag, value or file) is one
+line on stderr, exit status 2.
 
 Config files: YAML or JSON (nested keys are joined with dots), or any other text file read as arguments
 (``--flag value``, ``--flag=value``, ``key=value``, as in a launch script). In a file, keys the registry does not
@@ -14,6 +16,7 @@ know are ignored (and counted) unless their last part mentions ``kl``, which is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -24,8 +27,9 @@ import yaml
 
 from kl_lib.audit import analysis
 from kl_lib.audit.registry import LIBRARIES, Library, Resolution, get_library, resolve, unknown_flag_error
+from kl_lib.config import KLSetting
 
-__all__ = ["main", "read_config_file", "render"]
+__all__ = ["main", "read_config_file", "render", "trainer_overrides"]
 
 SENTENCES = {
     "G*": "the true gradient of the sequence-level KL(π‖π_ref): unbiased",
@@ -162,10 +166,52 @@ def render(library: Library, values: dict[str, object], resolution: Resolution, 
         out.append(f"  (rel. bias: ‖E g − β·a·G*‖/‖β·a·G*‖ with a the aggregation's 1/T; 'mild' policies have logits "
                    f"N(0, {MILD_SCALE}²), 'strong' N(0, {STRONG_SCALE}²), where clamps bind; V = 3, exact unless marked)")
     out.extend(f"note: {n}" for n in resolution.notes)
+    out.extend(_trainer_lines(resolution))
     out.append("known upstream bugs for this version:")
     out.extend(f"  - {b.title} [{b.reference}]: {b.status}" for b in library.bugs) if library.bugs else out.append("  none recorded")
     out.append(f"unbiased gradient (G*) in {library.name}: {library.unbiased}")
     return "\n".join(out)
+
+
+_ALWAYS_SHOWN = ("estimator", "placement", "beta")
+_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KLSetting)}
+
+
+def _override_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def trainer_overrides(term: analysis.Term) -> list[str]:
+    """The ``--set`` items (``kl.estimator=k3``, …) with which ``python -m kl_lib.rl.train`` runs ``term``'s KL term:
+    its estimator, placement and β, every other ``KLSetting`` field that is not at its default, the aggregation
+    (which kl_lib's trainer applies to the policy loss too, as verl does) and, for a group-normalised penalty,
+    the trainer's ``group_size`` (the groups the penalty is normalised in)."""
+    s = term.setting
+    items = [f"kl.{name}={_override_value(getattr(s, name))}" for name in _SETTING_DEFAULTS
+             if name in _ALWAYS_SHOWN or getattr(s, name) != _SETTING_DEFAULTS[name]]
+    items.append(f"aggregation={term.aggregation}")
+    if term.aggregation_constant is not None:
+        items.append(f"aggregation_constant={_override_value(float(term.aggregation_constant))}")
+    if s.reward_normalization != "none":
+        items.append(f"group_size={s.group_size}")
+    return items
+
+
+def _trainer_lines(resolution: Resolution) -> list[str]:
+    if not resolution.terms:
+        return []
+    out = ["in kl_lib's trainer (the same KL term; the advantage, policy loss and sampling are kl_lib's own):"]
+    if len(resolution.terms) > 1:
+        out.append(f"  not as one run: the trainer runs one KL term per run and these flags give "
+                   f"{len(resolution.terms)}; each term alone:")
+    for term in resolution.terms:
+        out.append("  python -m kl_lib.rl.train " + " ".join(f"--set {item}" for item in trainer_overrides(term)))
+        if term.setting.reward_normalization != "none":
+            out.append("    (the trainer normalises the KL penalty within the group on its own, not the task reward "
+                       "plus the penalty)")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,7 +15,11 @@ How text becomes a config (:func:`load_config`, :func:`from_dict`, :func:`apply_
 * ``lora_targets`` is a list, or one string of comma-separated module names (``q_proj`` or ``q_proj,v_proj``);
 * ``model`` and ``runs_dir`` may not be empty, and no text field may be ``null``; ``--set`` gives a text field
   its value verbatim (``--set name=1e3`` is the name ``1e3``);
-* ``kl`` is a mapping merged over the default KL settings;
+* ``kl`` is a mapping merged over the default KL settings. It takes the fields of ``kl_lib.config.KLConfig`` and
+  of ``KLSetting`` (the library variants: ``value_clamp``, ``gradient_estimator``, ``local_reward``, …); when one
+  of the latter has a value other than its default the config holds a ``KLSetting``, otherwise the plain
+  ``KLConfig`` (so a run that names no variant keeps its name and digest). A setting this trainer cannot run is
+  refused here, naming the field and why (:func:`check_kl_setting`);
 * relative paths are read from the current directory (as ``from_pretrained`` and ``open`` do); a relative model
   or data directory that is missing there but present beside the config file is reported with where to run.
 
@@ -43,15 +47,26 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from kl_lib.config import IMPORTANCE_WEIGHTINGS, PLACEMENTS, KLConfig, check_choice, is_finite_number
-from kl_lib.estimators import ESTIMATORS
+from kl_lib.config import (
+    IMPORTANCE_WEIGHTINGS,
+    PLACEMENTS,
+    REWARD_NORMALIZATIONS,
+    SEQUENCE_WEIGHTS,
+    TOKEN_WEIGHTS,
+    KLConfig,
+    KLSetting,
+    as_setting,
+    check_choice,
+    is_finite_number,
+)
+from kl_lib.estimators import ESTIMATORS, LIBRARY_ESTIMATORS
 from kl_lib.files import config_digest
 from kl_lib.objectives import AGGREGATIONS
 from kl_lib.tasks import task_names
 
 __all__ = ["ADVANTAGES", "FINETUNES", "KL_REWARD_BASELINES", "POLICY_LOSSES", "SWEEP_GROUP_KEYS", "SWEEP_KEYS",
-           "ConfigError", "RLConfig", "apply_overrides", "check_sweep_spec", "field_choices", "field_docs",
-           "fields_help", "from_dict", "load_config", "load_sweep_spec", "read_yaml"]
+           "ConfigError", "RLConfig", "apply_overrides", "check_kl_setting", "check_sweep_spec", "field_choices",
+           "field_docs", "fields_help", "from_dict", "kl_config", "load_config", "load_sweep_spec", "read_yaml"]
 
 ADVANTAGES = ("rloo", "grpo", "drgrpo")
 POLICY_LOSSES = ("reinforce", "ppo")
@@ -117,7 +132,9 @@ class RLConfig:
     clip_eps: float = 0.2
     """PPO only: ratio clip range [1 − ε, 1 + ε]."""
     kl: KLConfig = field(default_factory=lambda: KLConfig("k1", "reward", beta=0.1))
-    """The KL configuration (estimator, placement, beta, reward_to_go, importance_weighting), see kl_lib.config."""
+    """The KL configuration (estimator, placement, beta, reward_to_go, importance_weighting, log_ratio_clamp), see
+    kl_lib.config; a KLSetting for a library's variants (value_clamp, gradient_estimator, local_reward,
+    token_weight, sequence_weight, reward_normalization with group_size = the run's group_size, std_epsilon)."""
     kl_reward_baseline: str = "none"
     """Baseline of the KL penalty in the reward (placement ``reward``/``both``; no effect otherwise): ``loo``
     subtracts from each sample's penalty β·Σ_t k_t the mean of the other samples' penalties in its prompt's group,
@@ -126,7 +143,15 @@ class RLConfig:
     Both are unbiased (``kl_lib.rl.losses.kl_reward_loo_baseline``). At its default the field is left out of
     :meth:`digest`, so runs made before it existed keep their identity."""
     aggregation: str = "sum"
-    """How per-token terms are combined: ``sum`` over tokens (docs/contract.md §3) or ``token_mean`` per sequence."""
+    """How per-token terms of the policy loss and of the KL term are combined into an update batch's loss
+    (``kl_lib.objectives.AGGREGATIONS``): ``sum`` over tokens, mean over sequences (docs/contract.md §3; verl
+    seq-mean-token-sum); ``token_mean`` per sequence (verl seq-mean-token-mean, TRL grpo); ``global_token_mean``
+    over the update batch's valid tokens, on every process together (verl token-mean, TRL dapo/bnpo, NeMo-RL
+    token_level_loss); ``constant``: the sum divided by aggregation_constant (verl seq-mean-token-sum-norm, TRL
+    dr_grpo)."""
+    aggregation_constant: float | None = None
+    """``aggregation: constant`` only: the divisor C; null = max_new_tokens (TRL's dr_grpo divides by
+    max_completion_length). Left out of :meth:`digest` when null."""
     async_lag: int = 0
     """Off-policy: rollouts come from the policy of this many steps earlier (0 = on-policy)."""
     # ---- optimisation
@@ -174,7 +199,7 @@ class RLConfig:
     def __post_init__(self) -> None:
         if isinstance(self.kl, dict):
             _check_keys("KL", self.kl, _KL_FIELDS)
-            object.__setattr__(self, "kl", KLConfig(**self.kl))
+            object.__setattr__(self, "kl", kl_config(self.kl))
         if not isinstance(self.kl, KLConfig):
             raise ValueError(f"RLConfig.kl={_short(self.kl)} must be a mapping of KL settings, e.g. kl: {{estimator: k3, "
                              "placement: loss} (on the command line --set kl.estimator=k3)")
@@ -202,6 +227,7 @@ class RLConfig:
                              f"prompts_per_step={self.prompts_per_step}")
         if self.name and ("/" in self.name or self.name.startswith(".")):
             raise ValueError(f"RLConfig.name={self.name!r} must be a plain directory name")
+        check_kl_setting(self)
 
     # ---- identity
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +245,8 @@ class RLConfig:
         # added after the first study: at its default it is left out, so the earlier runs' digests stay valid
         if d["kl_reward_baseline"] == "none":
             d.pop("kl_reward_baseline")
+        if d["aggregation_constant"] is None:
+            d.pop("aggregation_constant")
         return config_digest(d)
 
     def run_name(self) -> str:
@@ -286,6 +314,49 @@ def _check_fields(cfg: RLConfig) -> None:
         value = getattr(cfg, name)
         if not is_finite_number(value) or value < 0:
             raise ValueError(f"RLConfig.{name}={_short(value)} must be a finite number ≥ 0")
+    _check_aggregation_constant(cfg)
+
+
+def _check_aggregation_constant(cfg: RLConfig) -> None:
+    c = cfg.aggregation_constant
+    if c is None:
+        return
+    if cfg.aggregation != "constant":
+        raise ValueError(f"RLConfig.aggregation_constant={_short(c)} is only used with aggregation: constant (it is "
+                         f"{cfg.aggregation!r}); remove it or set aggregation: constant")
+    if not is_finite_number(c) or c <= 0:
+        raise ValueError(f"RLConfig.aggregation_constant={_short(c)} must be a finite number > 0 (e.g. the maximum "
+                         "response length), or null for max_new_tokens")
+
+
+def check_kl_setting(cfg: RLConfig) -> None:
+    """Refuse, naming the field and why, a ``KLSetting`` that this trainer cannot run as the setting means it.
+
+    The trainer computes the KL term with ``kl_lib.objectives.kl_term`` on each pass's rows, so every variant
+    runs as written except where it needs more than those rows: the group normalisation of the reward penalty
+    (``reward_normalization``) groups contiguous rows, so it needs the trainer's prompt groups (``kl.group_size``
+    equal to ``group_size``) kept whole in every update (``ppo_minibatches`` 1; micro-batches hold whole groups),
+    and it already centres the penalty within the group (no ``kl_reward_baseline``).
+    """
+    kl = cfg.kl
+    if not isinstance(kl, KLSetting):
+        return
+    if not isinstance(kl.local_reward, bool):
+        raise ValueError(f"RLConfig.kl.local_reward={_short(kl.local_reward)} must be true or false (unquoted in "
+                         "YAML)")
+    if kl.reward_normalization == "none":
+        return
+    where = f"RLConfig.kl.reward_normalization={kl.reward_normalization!r}"
+    if kl.group_size != cfg.group_size:
+        raise ValueError(f"RLConfig.kl.group_size={_short(kl.group_size)} must equal RLConfig.group_size="
+                         f"{cfg.group_size}: the trainer normalises the KL penalty within each prompt's group of "
+                         f"samples; set kl.group_size={cfg.group_size} (or group_size={_short(kl.group_size)})")
+    if cfg.ppo_minibatches > 1:
+        raise ValueError(f"{where} cannot run with ppo_minibatches={cfg.ppo_minibatches}: minibatches are shuffled "
+                         "rows that split the prompt groups the penalty is normalised in; use ppo_minibatches: 1")
+    if cfg.kl_reward_baseline != "none":
+        raise ValueError(f"{where} cannot run with kl_reward_baseline={cfg.kl_reward_baseline!r}: the group "
+                         "normalisation already centres the penalty within its group; use kl_reward_baseline: none")
 
 
 def _short(value: Any) -> str:
@@ -341,7 +412,27 @@ class ConfigError(ValueError):
 
 
 _FIELDS = get_type_hints(RLConfig)
-_KL_FIELDS = get_type_hints(KLConfig)
+_KL_FIELDS = get_type_hints(KLSetting)
+_PLAIN_KL_FIELDS = {f.name for f in dataclasses.fields(KLConfig)}
+_VARIANT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KLSetting) if f.name not in _PLAIN_KL_FIELDS}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def kl_config(values: dict[str, Any]) -> KLConfig:
+    """The KL section from a mapping of its fields: a ``KLSetting`` when a variant field (``value_clamp``, …) has
+    a value other than its default or the estimator is a library one (``abs``), else the plain ``KLConfig`` (the
+    variant fields at their defaults dropped), so that a config naming no variant keeps its digest."""
+    variant = any(key in _VARIANT_DEFAULTS and not _is_default(value, _VARIANT_DEFAULTS[key])
+                  for key, value in values.items())
+    if variant or (isinstance(values.get("estimator"), str) and values["estimator"] in LIBRARY_ESTIMATORS):
+        # a whole number written for a new float field (value_clamp: 10) is that float, so that it has one digest
+        floats = {key: float(v) for key, v in values.items() if key in ("value_clamp", "std_epsilon")
+                  and isinstance(v, int) and not isinstance(v, bool)}
+        return KLSetting(**{**values, **floats})
+    return KLConfig(**{key: value for key, value in values.items() if key in _PLAIN_KL_FIELDS})
 
 
 class _Loader(yaml.SafeLoader):
@@ -391,7 +482,7 @@ def _read_number(kind: Any, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        if kind is int:
+        if kind is int or int in get_args(kind):
             return int(value)
         if kind is float or float in get_args(kind):
             return float(value)
@@ -401,10 +492,14 @@ def _read_number(kind: Any, value: Any) -> Any:
 
 
 def _check_keys(what: str, keys: Any, valid: Any) -> None:
+    """Refuse a key not in ``valid``, naming the closest valid one; the KL section's (a short list) are listed too."""
     for key in keys:
         if key not in valid:
             close = difflib.get_close_matches(str(key), list(valid), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys are {', '.join(sorted(valid))}"
+            listed = f"valid keys are {', '.join(sorted(valid))}"
+            hint = f"did you mean {close[0]!r}?" if close else listed
+            if close and what == "KL":
+                hint += f" ({listed})"
             raise ConfigError(f"unknown {what} key {key!r}; {hint}")
 
 
@@ -459,7 +554,7 @@ def from_dict(raw: dict[str, Any]) -> RLConfig:
     _check_keys("config", raw, _FIELDS)
     raw = {key: _read_number(_FIELDS[key], value) for key, value in raw.items()}
     if "kl" in raw:
-        raw["kl"] = KLConfig(**{**dataclasses.asdict(RLConfig().kl), **_kl_mapping(raw["kl"])})
+        raw["kl"] = kl_config({**dataclasses.asdict(RLConfig().kl), **_kl_mapping(raw["kl"])})
     return RLConfig(**raw)
 
 
@@ -527,11 +622,12 @@ def fields_help(width: int = 100) -> str:
     ``--help`` of the trainer and the sweep print them."""
     default = RLConfig()
     kl_choices = {"estimator": tuple(ESTIMATORS), "placement": PLACEMENTS,
-                  "importance_weighting": IMPORTANCE_WEIGHTINGS}
+                  "importance_weighting": IMPORTANCE_WEIGHTINGS, "token_weight": TOKEN_WEIGHTS,
+                  "sequence_weight": SEQUENCE_WEIGHTS, "reward_normalization": REWARD_NORMALIZATIONS}
     rows = []
-    for prefix, cls, values, choices in (("", RLConfig, default, field_choices()),
-                                         ("kl.", KLConfig, default.kl, kl_choices)):
-        docs = field_docs(cls)
+    for prefix, cls, values, choices, docs in (
+            ("", RLConfig, default, field_choices(), field_docs(RLConfig)),
+            ("kl.", KLSetting, as_setting(default.kl), kl_choices, {**field_docs(KLConfig), **field_docs(KLSetting)})):
         for f in dataclasses.fields(cls):
             if prefix == "" and f.name == "kl":
                 continue  # listed field by field below

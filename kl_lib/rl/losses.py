@@ -11,9 +11,13 @@ Policy-gradient losses (minimised), per token ``(B, T)`` before masking and aggr
     reinforce   −A_i log π(y_t)                                         (exactly on-policy)
     ppo         −min(r_t A_i, clip(r_t, 1 − ε, 1 + ε) A_i),  r_t = π(y_t) / μ(y_t)
 
-aggregated by :func:`policy_loss` as the mean over sequences of Σ_t m_t (·) (``aggregation="sum"``) or of the
-per-sequence token mean (``"token_mean"``). :func:`kl_loss` is ``kl_lib.objectives.kl_term``'s loss without
-its metrics: the trainer logs every estimator once per batch itself, so the pass computes no KL twice.
+aggregated by :func:`policy_loss` as ``kl_lib.objectives.kl_term`` aggregates the KL term: the mean over
+sequences of Σ_t m_t (·) (``aggregation="sum"``), of the per-sequence token mean (``"token_mean"``), of Σ_t m_t (·)
+over the batch's valid tokens (``"global_token_mean"``: Σ_b Σ_t m_t (·) / Σ_b n_b) or over a constant C
+(``"constant"``). :func:`kl_loss` is ``kl_term``'s loss with its clip fractions but without the estimators'
+values: the trainer logs every estimator once per batch itself, so the pass computes no KL twice. With a
+``kl_lib.config.KLSetting`` it is the library variant's term (value clamp, straight-through gradient, local or
+group-normalised reward penalty, token and sequence weights), computed by the same ``kl_term``.
 
 Each advantage and policy loss is a small pure function in a registry (:func:`get_advantage`,
 :func:`get_policy_loss`); unknown names raise ``ValueError`` listing the valid ones. The registries' names are
@@ -148,11 +152,14 @@ def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
 
 
 def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behavior_logp: Tensor | None,
-                clip_eps: float, aggregation: str) -> tuple[Tensor, dict[str, float]]:
-    """The policy-gradient term (minimised), mean over sequences, and ``ppo/clip_fraction`` (0 for REINFORCE).
+                clip_eps: float, aggregation: str, aggregation_constant: float | None = None
+                ) -> tuple[Tensor, dict[str, float]]:
+    """The policy-gradient term (minimised), aggregated as ``objectives.kl_term`` aggregates (``"sum"``: mean over
+    sequences of the token sums; ``"token_mean"``, ``"global_token_mean"``, ``"constant"`` with divisor
+    ``aggregation_constant``, default T), and ``ppo/clip_fraction`` (0 for REINFORCE).
 
     ``logp``, ``mask`` and ``behavior_logp`` are ``(B, T)``, ``advantages`` ``(B,)``; the clip fraction is over
-    the valid tokens.
+    the valid tokens. An unknown aggregation raises ``ValueError`` listing the valid ones.
     """
     m = mask.to(logp.dtype)
     per_token, clipped = get_policy_loss(kind)(logp, advantages, behavior_logp, clip_eps)
@@ -160,6 +167,13 @@ def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behav
     per_seq = (per_token * m).sum(-1)
     if aggregation == "token_mean":
         per_seq = per_seq / m.sum(-1).clamp_min(1)
+    elif aggregation == "global_token_mean":
+        return per_seq.sum() / m.sum().clamp_min(1), {"ppo/clip_fraction": clip_fraction}
+    elif aggregation == "constant":
+        per_seq = per_seq / (m.shape[-1] if aggregation_constant is None else aggregation_constant)
+    elif aggregation != "sum":
+        raise ValueError(f"aggregation={aggregation!r} is not valid; choose one of "
+                         f"{', '.join(map(repr, objectives.AGGREGATIONS))}")
     return per_seq.mean(), {"ppo/clip_fraction": clip_fraction}
 
 
@@ -169,14 +183,18 @@ def policy_loss(kind: str, logp: Tensor, advantages: Tensor, mask: Tensor, behav
 
 
 def kl_loss(config: KLConfig, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, behavior_logp: Tensor | None,
-            logprobs: Tensor | None, ref_logprobs: Tensor | None, aggregation: str) -> tuple[Tensor, Tensor | None]:
-    """``(loss, clip_fraction)``: ``objectives.kl_term``'s loss with mean sample weights, without the
+            logprobs: Tensor | None, ref_logprobs: Tensor | None, aggregation: str,
+            aggregation_constant: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(loss, clip fractions)``: ``objectives.kl_term``'s loss with mean sample weights, without the
     per-estimator values (the trainer logs those once per batch).
 
     ``logp``, ``ref_logp``, ``mask`` (bool) and ``behavior_logp`` are ``(B, T)``; ``logprobs`` and
-    ``ref_logprobs`` ``(B, T, V)`` (analytic estimator only, else None). ``clip_fraction`` is the 0-dim share of
-    valid tokens whose log-ratio ``config.log_ratio_clamp`` clipped, None without a clamp.
+    ``ref_logprobs`` ``(B, T, V)`` (analytic estimator only, else None). The clip fractions are 0-dim shares of
+    valid tokens: ``kl/clip_fraction`` (the log-ratio clamp) and ``kl/value_clip_fraction`` (a ``KLSetting``'s
+    value clamp), each present only when its clamp is set. A ``KLSetting``'s ``reward_normalization`` groups
+    contiguous rows: pass whole groups of ``group_size`` rows.
     """
     loss, metrics = objectives.kl_term(config, logp, ref_logp, mask, behavior_logp=behavior_logp, logprobs=logprobs,
-                                       ref_logprobs=ref_logprobs, aggregation=aggregation, estimator_metrics=False)
-    return loss, metrics.get("kl/clip_fraction")
+                                       ref_logprobs=ref_logprobs, aggregation=aggregation,
+                                       aggregation_constant=aggregation_constant, estimator_metrics=False)
+    return loss, {key: value for key, value in metrics.items() if key.endswith("clip_fraction")}

@@ -18,7 +18,8 @@
        PPO-clip:   L_pg = −(1/N) Σ_i Σ_t m_t min(r_t A_i, clip(r_t, 1 ± ε) A_i),  r_t = π/μ
        KL:         L_kl = objectives.kl_term(config.kl, log π, log π_ref, m, behavior_logp=log μ)'s loss
 
-   summed over tokens (no length normalisation) unless ``aggregation = "token_mean"``; gradient clipping;
+   summed over tokens (no length normalisation) unless ``aggregation`` says otherwise (``token_mean``,
+   ``global_token_mean`` over the update batch's valid tokens on all processes, ``constant``); gradient clipping;
    NaN/Inf or |loss| > ``divergence_loss`` marks the run diverged. With ``micro_batch_size = m`` each update
    batch of N sequences is computed in passes of m sequences (:func:`micro_pass`: forward, then backward of the
    pass's loss × m/N), so the accumulated gradient is the batch's; the reference, the loss values and the logged
@@ -28,7 +29,8 @@
    than once (PPO).
 4. :func:`log_step`: one line of ``metrics.jsonl``: rewards, every estimator's KL of the pre-update policy on
    the whole batch (``kl/k1`` … ``kl/analytic``, each computed once per pass), entropy, losses, gradient norm,
-   the clip fractions (``ppo/clip_fraction``, and ``kl/clip_fraction`` when ``kl.log_ratio_clamp`` is set).
+   the clip fractions (``ppo/clip_fraction``, ``kl/clip_fraction`` when ``kl.log_ratio_clamp`` is set,
+   ``kl/value_clip_fraction`` when a ``KLSetting``'s ``value_clamp`` is).
 5. a checkpoint every ``checkpoint_every`` steps (``kl_lib.rl.checkpoints``), and :func:`finish`.
 
 The reference is a frozen copy of the initial model (full fine-tuning) or, with LoRA, the same model with its
@@ -39,6 +41,12 @@ metrics as an uninterrupted one (seeded per step; CPU); raising ``steps`` contin
 is never deleted: one holding a run of another config is refused (or moved aside on request), one that another
 process trains is refused naming it (``kl_lib.rl.checkpoints``, ``kl_lib.rl.runlock``). :class:`Hooks` let a
 benchmark observe a real run.
+
+A library's KL setting (``kl_lib.config.KLSetting``: value clamp, straight-through gradient, local or
+group-normalised reward penalty, token and sequence weights) is the ``kl:`` section with its fields; it is run by
+the same ``kl_term`` on each pass's rows (``reward_normalization`` over the prompt groups, which every pass holds
+whole; ``kl_lib.rl.config.check_kl_setting`` refuses what cannot be run so, before any compute). Departure from
+the libraries: the KL penalty's group normalisation is its own, not that of the task reward plus the penalty.
 
 Departures from the paper: the KL reward penalty gets no baseline unless ``kl_reward_baseline: loo`` (the
 paper's RLOO on the folded reward; ``kl_lib.rl.losses``; unbiased either way); the model, task and scale are
@@ -67,7 +75,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kl_lib import objectives
-from kl_lib.estimators import analytic, get_estimator
+from kl_lib.estimators import analytic, lookup_estimator
 from kl_lib.files import environment_info, write_json, write_text
 from kl_lib.lm.models import (
     add_lora,
@@ -589,7 +597,7 @@ class Update:
     kl: Tensor  # 0-dim KL loss
     loss: float  # pg + kl, averaged over ranks
     grad_norm: float  # before clipping
-    clip: dict[str, float]  # ppo/clip_fraction [, kl/clip_fraction]: shares of the update batch's valid tokens
+    clip: dict[str, float]  # ppo/clip_fraction [, kl/clip_fraction, kl/value_clip_fraction]: shares of valid tokens
     scores: Scores
     diverged: str | None  # why the run must stop, or None
 
@@ -613,9 +621,11 @@ def update(tr: Trainer, batch: Batch, advantages: Tensor, step: int) -> Update:
             pg = kl = torch.zeros((), device=tr.device)
             clipped: dict[str, float] = {}  # clipped tokens, by metric
             tokens = 0
+            aggregation = _update_aggregation(tr, batch, idx)
             for rows in idx.split(cfg.micro_batch_size or len(idx)):
                 share = len(rows) / len(idx)  # the minibatch's mean loss = Σ over passes of (the pass's mean) × m/N
-                pg_m, kl_m, fractions = micro_pass(tr, batch, advantages, rows, share, scores, first_pass)
+                pg_m, kl_m, fractions = micro_pass(tr, batch, advantages, rows, share, scores, first_pass,
+                                                   aggregation)
                 pg, kl = pg + pg_m * share, kl + kl_m * share
                 n_tokens = int(batch.roll.response_mask[rows].sum())
                 for key, fraction in fractions.items():
@@ -629,10 +639,29 @@ def update(tr: Trainer, batch: Batch, advantages: Tensor, step: int) -> Update:
     return result
 
 
+def _update_aggregation(tr: Trainer, batch: Batch, idx: Tensor) -> tuple[str, float | None]:
+    """``(aggregation, aggregation_constant)`` for each pass over the update batch ``idx`` of N sequences, such
+    that the passes' losses × m/N add up to the update batch's loss under ``cfg.aggregation``.
+
+    ``sum`` and ``token_mean`` are means over sequences and pass through. ``global_token_mean`` divides by the
+    update batch's valid tokens, which no single pass sees: it is ``constant`` with C = (mean over processes of
+    their update batch's valid tokens) / N, so (each process holding N sequences) the loss averaged over processes
+    is Σ_b L_b over all their sequences divided by all their valid tokens. ``constant`` takes ``aggregation_constant``, by default
+    ``max_new_tokens`` (every pass of a run divides by the same C, whatever its padded width).
+    """
+    cfg = tr.cfg
+    if cfg.aggregation == "global_token_mean":
+        tokens = batch.roll.response_mask[idx].sum().to(torch.float32).reshape(1)
+        return "constant", max(1.0, float(tr.ddp.mean(tokens))) / len(idx)
+    if cfg.aggregation == "constant":
+        return "constant", float(cfg.max_new_tokens if cfg.aggregation_constant is None else cfg.aggregation_constant)
+    return cfg.aggregation, None
+
+
 def _score_batch(tr: Trainer, batch: Batch, scores: Scores) -> None:
     """The reference's and the pre-update policy's log-probs and statistics on the whole batch, without grad."""
     cfg, roll = tr.cfg, batch.roll
-    full = get_estimator(cfg.kl.estimator).full_distribution
+    full = lookup_estimator(cfg.kl.estimator).full_distribution
     for rows in torch.arange(roll.response_ids.shape[0], device=tr.device).split(
             cfg.micro_batch_size or roll.response_ids.shape[0] // cfg.ppo_minibatches):
         scores.ref_logp[rows], ref_logprobs = reference_logprobs(tr, roll, rows, cfg.group_size, full)
@@ -648,14 +677,16 @@ def _score_batch(tr: Trainer, batch: Batch, scores: Scores) -> None:
 
 
 def micro_pass(tr: Trainer, batch: Batch, advantages: Tensor, rows: Tensor, share: float, scores: Scores,
-               first_pass: bool) -> tuple[Tensor, Tensor, dict[str, float]]:
+               first_pass: bool, aggregation: tuple[str, float | None]) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Forward and backward (of the loss × ``share``) of the rows ``rows``; ``(pg, kl, clip fractions)``, detached.
+
+    ``aggregation`` is the pass's ``(aggregation, aggregation_constant)`` (:func:`_update_aggregation`).
 
     On the first pass over the batch it also records the reference's and the policy's log-probs and adds the
     pass to the logged statistics, freeing the reference's ``(m, R, V)`` log-probs before the backward pass.
     """
     cfg, roll = tr.cfg, batch.roll
-    full = get_estimator(cfg.kl.estimator).full_distribution  # the loss needs full log-probs
+    full = lookup_estimator(cfg.kl.estimator).full_distribution  # the loss needs full log-probs
     shared = cfg.group_size if cfg.ppo_minibatches == 1 else 1  # rows in order: prompt groups share a forward
     ref_logprobs = None  # the reference's (m, R, V), for the logs and the analytic loss
     if first_pass or full:
@@ -680,11 +711,11 @@ def micro_pass(tr: Trainer, batch: Batch, advantages: Tensor, rows: Tensor, shar
         rows_advantages = rows_advantages + _kl_reward_baseline(tr, scores, rows, logp, mask, logprobs, ref_logprobs,
                                                                 first_pass)
     pg, fractions = policy_loss(cfg.policy_loss, logp, rows_advantages, mask, behavior_logp, cfg.clip_eps,
-                                cfg.aggregation)
-    kl, kl_clip = kl_loss(cfg.kl, logp, scores.ref_logp[rows], mask, behavior_logp=behavior_logp, logprobs=logprobs,
-                          ref_logprobs=ref_logprobs if full else None, aggregation=cfg.aggregation)
-    if kl_clip is not None:
-        fractions["kl/clip_fraction"] = float(kl_clip)
+                                *aggregation)
+    kl, kl_clips = kl_loss(cfg.kl, logp, scores.ref_logp[rows], mask, behavior_logp=behavior_logp, logprobs=logprobs,
+                           ref_logprobs=ref_logprobs if full else None, aggregation=aggregation[0],
+                           aggregation_constant=aggregation[1])
+    fractions.update({key: float(value) for key, value in kl_clips.items()})  # kl/clip_fraction, kl/value_…
     if first_pass:  # log the pre-update policy, freeing the reference before the backward
         scores.cur_logp[rows] = logp.detach()
         scores.stats.add(logits, scores.cur_logp[rows], scores.ref_logp[rows], ref_logprobs, mask)

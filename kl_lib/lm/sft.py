@@ -6,11 +6,11 @@ learning rate. Training stops once greedy accuracy on a probe of the RL task rea
 that the base model partly knows it. Deterministic from
 the seed on CPU: the weight initialisation runs under a forked RNG seeded with ``seed``, batches are drawn
 with an explicit ``torch.Generator``. ``--device cuda`` trains and probes on a GPU (weights drawn and batches
-chosen on the CPU as before, so only the arithmetic's rounding differs; not bit-identical to CPU training).
+chosen on the CPU as before; not bit-identical to a CPU build, so the probe may stop it at another step).
 
     python -m kl_lib.lm.sft --out data/models/tiny-base [--steps 3000] [--seed 0]
     python -m kl_lib.lm.sft --task worked_arithmetic --out data/models/worked-base
-    python -m kl_lib.lm.sft --task worked_arithmetic --device cuda --hidden-size 512 ... (configs/gpu/worked-arithmetic.yaml)
+    python -m kl_lib.lm.sft --task worked_arithmetic --device cuda --hidden-size 384 ...   (configs/gpu/worked-*.yaml)
 
 ``--task`` names a generated task of ``SFT_TASKS`` and starts from its preset (``TASK_PRESETS``: data directory,
 model size, probe budget); other flags still apply.

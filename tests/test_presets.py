@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kl_lib.lm import models
 from kl_lib.lm.models import (
@@ -453,17 +455,214 @@ def test_smollm2_cache_reproduces_the_gguf_model(tmp_path, monkeypatch):
 # The model configs in configs/
 # ------------------------------------------------------------------------------------------------------------
 
-MODEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("gpu/*.yaml")) + \
-    [Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"]
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+GPU_YAMLS = sorted(CONFIGS_DIR.glob("gpu/*.yaml"))
+SWEEP_FILES = [p for p in GPU_YAMLS if "groups" in (yaml.safe_load(p.read_text()) or {})]
+MODEL_CONFIGS = [p for p in GPU_YAMLS if p not in SWEEP_FILES] + [CONFIGS_DIR / "smollm2.yaml"]
+WORKED_RUN, WORKED_STUDY = CONFIGS_DIR / "gpu" / "worked-arithmetic.yaml", CONFIGS_DIR / "gpu" / "worked-study.yaml"
+
+
+def sft_command(path: Path):
+    """The ``python -m kl_lib.lm.sft ...`` command in the header comment of ``path`` and the ``SFTConfig`` it
+    builds (``--task``'s preset, then the flags: what ``kl_lib.lm.sft.main`` does), as ``(argv, out, config)``."""
+    import dataclasses
+    import shlex
+
+    from kl_lib.lm import sft
+
+    header = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    commands = [line for line in header if line.startswith("python -m kl_lib.lm.sft ")]
+    assert len(commands) == 1, f"{path.name}: its header names {len(commands)} SFT commands, not one"
+    argv = shlex.split(commands[0])[3:]
+    args = sft.build_parser().parse_args(argv)
+    assert args.task in sft.TASK_PRESETS and not args.smoke
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(sft.SFTConfig)
+             if getattr(args, f.name) is not None}
+    return argv, args.out, dataclasses.replace(sft.TASK_PRESETS[args.task], **given)
+
+
+def check_model_of(path: Path, cfg, tmp_path: Path) -> None:
+    """A preset (LoRA targets it has), or a local model directory the file's header says how to build: an SFT
+    command writing that directory, on the config's task and data, with room for prompt + answer, on the GPU."""
+    from kl_lib.lm.models import build_tokenizer
+    from kl_lib.lm.sft import SFT_TASKS
+    from kl_lib.tasks import get_task
+
+    if cfg.model.lower() in PRESETS or cfg.model in {p.hub_id for p in PRESETS.values()}:
+        _, preset = resolve(cfg.model)
+        if cfg.finetune == "lora":
+            assert set(cfg.lora_targets) <= set(preset.lora_targets)
+        return
+    assert not Path(cfg.model).is_absolute() and cfg.model.startswith("data/models/"), \
+        f"{path.name}: model {cfg.model!r} is neither a preset nor a data/models/ directory built by SFT"
+    argv, out, sft_config = sft_command(path)
+    assert out == cfg.model, f"{path.name}: the header's SFT command writes {out!r}, the config reads {cfg.model!r}"
+    assert sft_config.task == cfg.task and sft_config.data_dir == (cfg.data_dir or get_task(cfg.task).default_dir)
+    assert sft_config.device == "cuda" and cfg.device == "cuda" and cfg.finetune == "full"
+    task = SFT_TASKS[cfg.task]
+    task.write_splits(tmp_path / "data", seed=0, sizes={"sft": 8, "rl_train": 200, "id_test": 200, "ood_test": 200})
+    tokenizer = build_tokenizer()
+    problems = [p for split in ("rl_train", "id_test", "ood_test")
+                for p in task.load_split(tmp_path / "data" / f"{split}.jsonl")]
+    longest = max(len(tokenizer(format_prompt(tokenizer, p.prompt), add_special_tokens=False)["input_ids"])
+                  for p in problems)
+    assert sft_config.max_positions >= longest + cfg.max_new_tokens, "prompt + answer budget exceed the positions"
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
-def test_model_configs_load_and_name_presets(path):
+def test_model_configs_load_and_name_presets(path, tmp_path):
     from kl_lib.rl.config import load_config
 
     cfg = load_config(str(path))
-    _, preset = resolve(cfg.model)
-    assert preset is not None, f"{path.name}: model {cfg.model!r} is not a preset"
-    if cfg.finetune == "lora":
-        assert set(cfg.lora_targets) <= set(preset.lora_targets)
+    check_model_of(path, cfg, tmp_path)
     assert cfg.group_size == 5, "the paper's G"
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_gpu_sweep_files_expand_and_name_their_models(path, tmp_path):
+    from kl_lib.rl.config import load_sweep_spec
+    from kl_lib.rl.sweep import expand_sweep
+
+    configs = expand_sweep(load_sweep_spec(path))
+    assert len({c.run_name() for c in configs}) == len(configs)
+    for cfg in {c.model: c for c in configs}.values():
+        check_model_of(path, cfg, tmp_path)
+    assert {c.group_size for c in configs} == {5} and {c.device for c in configs} == {"cuda"}
+
+
+def test_worked_gpu_header_states_the_models_parameter_count():
+    """The header's parameter count is the model its SFT command builds (counted on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    from kl_lib.lm.models import build_tokenizer, tiny_llama_config
+
+    _, _, config = sft_command(WORKED_RUN)
+    tokenizer = build_tokenizer()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(
+            len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
+            intermediate_size=config.intermediate_size, max_positions=config.max_positions))
+    assert f"{model.num_parameters():,} parameters" in WORKED_RUN.read_text()
+    assert model.num_parameters() > 10 * 858_240, "the GPU preset's model is not larger than the CPU study's"
+
+
+def test_worked_study_dry_run_lists_every_run(capsys):
+    """186 runs = 6 seeds x (21 on-policy cells + 10 off-policy cells), distinct names, -mb4 on the 4-minibatch
+    axis; the smoke set is every configuration once."""
+    from kl_lib.rl import sweep
+
+    assert sweep.main([str(WORKED_STUDY), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "186 runs into runs/gpu/worked-study"
+    names = [line.split()[0] for line in lines[1:]]
+    assert len(names) == len(set(names)) == 186
+    assert sum("-lag10-ppo-mb4-" in n for n in names) == 30 and sum("-lag10-ppo-s" in n for n in names) == 30
+    assert sum(n.startswith("nokl-s") for n in names) == 6
+    assert sweep.main([str(WORKED_STUDY), "--dry-run", "--smoke"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "16 runs into runs/gpu/worked-study"
+
+
+TINY_WORKED = {"sft": 64, "rl_train": 32, "id_test": 4, "ood_test": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_worked_base(tmp_path_factory):
+    """``(data_dir, model_dir)``: the GPU preset's SFT command at the smoke size on the CPU (a few steps)."""
+    import dataclasses
+
+    from kl_lib.lm.sft import SMOKE, train_base_model
+    from kl_lib.tasks.worked_arithmetic import write_splits
+
+    root = tmp_path_factory.mktemp("worked")
+    write_splits(root / "data", seed=0, sizes=TINY_WORKED)
+    _, _, config = sft_command(WORKED_RUN)
+    config = dataclasses.replace(config, device="cpu", data_dir=str(root / "data"), hidden_size=SMOKE.hidden_size,
+                                 num_layers=SMOKE.num_layers, intermediate_size=2 * SMOKE.hidden_size,
+                                 probe_every=SMOKE.probe_every, steps=4, batch_size=8, warmup=1)
+    out = train_base_model(root / "model", config)
+    meta = json.loads((out / "sft.json").read_text())
+    assert meta["config"]["device"] == "cpu" and meta["config"]["task"] == "worked_arithmetic"
+    assert meta["steps_trained"] == 4 and all(math.isfinite(x) for x in meta["loss_every_50"])
+    return root / "data", out
+
+
+def tiny_overrides(data_dir: Path, model_dir: Path, runs_dir: Path, checkpoint_every: int = 1) -> list[str]:
+    """A GPU config at a tiny size on the CPU: the tiny SFT model and data, 2 steps of 4 prompts x 5."""
+    return [f"model={model_dir}", f"data_dir={data_dir}", f"runs_dir={runs_dir}", "device=cpu", "steps=2",
+            "prompts_per_step=4", f"checkpoint_every={checkpoint_every}"]
+
+
+def test_worked_gpu_run_config_trains_and_evaluates_at_a_tiny_size(tiny_worked_base, tmp_path):
+    from kl_lib.lm.evaluate import EvalSettings
+    from kl_lib.rl.checkpoints import evaluate_run
+    from kl_lib.rl.config import load_config
+    from kl_lib.rl.train import train
+
+    data_dir, model_dir = tiny_worked_base
+    cfg = load_config(str(WORKED_RUN), tiny_overrides(data_dir, model_dir, tmp_path / "runs"))
+    assert (cfg.max_new_tokens, cfg.group_size, cfg.kl_reward_baseline) == (72, 5, "loo")
+    result = train(cfg, progress=False)
+    assert result.status == "done" and result.steps_completed == 2
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss/total"]) and 1 <= r["response/length"] <= 72 for r in rows)
+    record = evaluate_run(result.run_dir, data_dir, EvalSettings(num_samples=2, max_new_tokens=72,
+                                                                 task="worked_arithmetic"))
+    assert set(record) == {"final", "step_000001"}
+    for split in ("id_test", "ood_test"):
+        assert 0 <= record["final"]["results"][split]["pass@1"] <= 1
+
+
+@pytest.mark.slow
+def test_worked_gpu_study_smoke_set_trains_and_evaluates_at_a_tiny_size(tiny_worked_base, tmp_path):
+    """Every configuration of the study (its smoke set: on-policy, lag 10 with 1 and 4 minibatches), 2 steps each."""
+    import dataclasses
+
+    from kl_lib.rl.config import load_sweep_spec
+    from kl_lib.rl.sweep import eval_settings, expand_sweep, run_sweep
+
+    data_dir, model_dir = tiny_worked_base
+    spec = load_sweep_spec(WORKED_STUDY)
+    configs = expand_sweep(spec, smoke=True, overrides=tiny_overrides(data_dir, model_dir, tmp_path / "runs", 2))
+    assert len(configs) == 16 and {c.ppo_minibatches for c in configs} == {1, 4}
+    settings = dataclasses.replace(eval_settings(spec, smoke=True), task="worked_arithmetic")
+    results = run_sweep(configs, jobs=1, progress=False, settings=settings)
+    assert [r["status"] for r in results] == ["done"] * 16, [r.get("error") for r in results]
+    for cfg in configs:
+        run_dir = tmp_path / "runs" / cfg.run_name()
+        eval_record = json.loads((run_dir / "eval.json").read_text())
+        assert eval_record["final"]["settings"]["max_new_tokens"] == 72
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(math.isfinite(r["loss/total"]) for r in rows)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("python -m kl_lib.lm.sft", "python -m kl_lib.lm.nosft"), "names 0 SFT commands"),
+    (lambda t: t.replace("--out data/models/worked-base-gpu", "--out data/models/other"), "writes 'data/models/other'"),
+    (lambda t: t.replace("--intermediate-size 1152", "--intermediate-size 1152 --max-positions 64"), "positions"),
+    (lambda t: t.replace("model: data/models/worked-base-gpu", "model: runs/somewhere"), "neither a preset"),
+])
+def test_a_local_model_needs_the_sft_command_that_builds_it(tmp_path, edit, message):
+    from kl_lib.rl.config import load_config
+
+    path = tmp_path / "edited.yaml"
+    path.write_text(edit(WORKED_RUN.read_text()))
+    with pytest.raises(AssertionError, match=message):
+        check_model_of(path, load_config(str(path)), tmp_path)
+
+
+def test_sft_device_is_recorded_not_digested(tmp_path):
+    """``--device`` (SFTConfig.device) leaves the model's identity alone and is checked before any compute."""
+    import dataclasses
+
+    from kl_lib.lm.sft import TASK_PRESETS, SFTConfig, train_base_model
+
+    preset = TASK_PRESETS["worked_arithmetic"]
+    assert preset.device == "cpu" and dataclasses.replace(preset, device="cuda:1").digest() == preset.digest()
+    with pytest.raises(ValueError, match=r"SFTConfig.device='gpu' is not valid; choose 'cpu', 'cuda' or 'cuda:N'"):
+        SFTConfig(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available; use --device cpu"):
+            train_base_model(tmp_path / "model",
+                             dataclasses.replace(preset, device="cuda", data_dir=str(tmp_path / "d")))
+        assert not (tmp_path / "d").exists() and not (tmp_path / "model").exists()

@@ -5,10 +5,12 @@ context), mean over answer tokens in the batch; AdamW with linear warm-up, then 
 learning rate. Training stops once greedy accuracy on a probe of the RL task reaches a target (default 0.5), so
 that the base model partly knows it. Deterministic from
 the seed on CPU: the weight initialisation runs under a forked RNG seeded with ``seed``, batches are drawn
-with an explicit ``torch.Generator``.
+with an explicit ``torch.Generator``. ``--device cuda`` trains and probes on a GPU (weights drawn and batches
+chosen on the CPU as before; not bit-identical to a CPU build, so the probe may stop it at another step).
 
     python -m kl_lib.lm.sft --out data/models/tiny-base [--steps 3000] [--seed 0]
     python -m kl_lib.lm.sft --task worked_arithmetic --out data/models/worked-base
+    python -m kl_lib.lm.sft --task worked_arithmetic --device cuda --hidden-size 384 ...   (configs/gpu/worked-*.yaml)
 
 ``--task`` names a generated task of ``SFT_TASKS`` and starts from its preset (``TASK_PRESETS``: data directory,
 model size, probe budget); other flags still apply.
@@ -27,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -60,6 +63,8 @@ SFT_TASKS: dict[str, SFTTask] = {
 # Fields added after the arithmetic base model was built: left out of the digest at these defaults, so its
 # identity (and that of every RL run on it) is unchanged.
 _LATER_FIELDS = {"task": "arithmetic", "intermediate_size": 384, "max_positions": 64, "probe_max_new_tokens": 6}
+# Where the model trains, not what it is (as RLConfig.device): never in the digest; recorded in sft.json.
+_NOT_DIGESTED = ("device",)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class SFTConfig:
     """The model's ``max_position_embeddings``: at least the longest prompt plus answer."""
     probe_max_new_tokens: int = 6
     """Token budget of the greedy completions of the probe and the final accuracy."""
+    device: str = "cpu"
+    """Where the model trains and is probed: ``cpu``, ``cuda`` or ``cuda:N`` (float32 either way). Not part of
+    the digest: a model built on a GPU is the same recipe, its numbers differ from a CPU build's by rounding."""
 
     def __post_init__(self) -> None:
         if self.task not in SFT_TASKS:
@@ -109,12 +117,15 @@ class SFTConfig:
                      "probe_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name}={getattr(self, name)!r} must be ≥ 1")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"SFTConfig.device={self.device!r} is not valid; choose 'cpu', 'cuda' or 'cuda:N'")
         if not 0 < self.stop_at_probe_accuracy <= 1:
             raise ValueError(f"SFTConfig.stop_at_probe_accuracy={self.stop_at_probe_accuracy!r} must be in (0, 1]")
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
-        return config_digest({k: v for k, v in fields.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]})
+        return config_digest({k: v for k, v in fields.items()
+                              if k not in _NOT_DIGESTED and (k not in _LATER_FIELDS or v != _LATER_FIELDS[k])})
 
 
 SMOKE = SFTConfig(steps=200, batch_size=64, hidden_size=64, num_layers=2, probe_every=0)
@@ -156,16 +167,18 @@ def _model_digest(config: SFTConfig, data_dir: Path) -> str:
 
 
 def _initial_model(config: SFTConfig, tokenizer):
-    """The tiny Llama, its weights drawn under a forked RNG seeded with ``config.seed``."""
+    """The tiny Llama, its weights drawn on the CPU under a forked RNG seeded with ``config.seed``, then moved to
+    ``config.device``."""
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             tiny_llama_config(len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
                               intermediate_size=config.intermediate_size, max_positions=config.max_positions,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id))
+    return model.to(config.device)
 
 
 def _lr_factor(config: SFTConfig, step: int) -> float:
@@ -194,7 +207,7 @@ def _train(model, tokenizer, config: SFTConfig, batches: tuple[torch.Tensor, tor
     for step in (bar := tqdm(range(config.steps), desc="SFT", unit="step", mininterval=5)):
         idx = torch.randint(len(ids), (config.batch_size,), generator=generator)
         width = int(attention[idx].sum(1).max())
-        batch_ids, batch_att, batch_mask = ids[idx, :width], attention[idx, :width], loss_mask[idx, :width]
+        batch_ids, batch_att, batch_mask = (t[idx, :width].to(config.device) for t in (ids, attention, loss_mask))
         logits = model(input_ids=batch_ids, attention_mask=batch_att).logits[:, :-1]  # (B, L-1, V)
         targets, mask = batch_ids[:, 1:], batch_mask[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
@@ -235,6 +248,8 @@ def _save(out_dir: Path, model, tokenizer, meta: dict) -> None:
 def train_base_model(out_dir: str | Path, config: SFTConfig = SFTConfig(), force: bool = False) -> Path:
     """Train (or reuse) the base model in ``out_dir``; returns the directory."""
     out_dir = Path(out_dir)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"SFTConfig.device={config.device!r} but no CUDA device is available; use --device cpu")
     data_dir, task = Path(config.data_dir), SFT_TASKS[config.task]
     if not (data_dir / "sft.jsonl").exists():
         task.write_splits(data_dir, seed=config.data_seed)

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kl_lib.config import KLConfig
 from kl_lib.rl.config import ConfigError, RLConfig, check_sweep_spec, load_config, load_sweep_spec
+from kl_lib.rl.sweep import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
@@ -58,8 +60,10 @@ def test_a_number_in_a_file_is_the_same_config_as_on_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_shipped_configs_load(path):
-    if path.name == "sweep.yaml":
-        assert set(load_sweep_spec(path)) == {"base", "eval", "smoke", "groups"}
+    if "groups" in (yaml.safe_load(path.read_text()) or {}):  # a sweep file (configs/sweep.yaml, study*.yaml, ...)
+        spec = load_sweep_spec(path)
+        assert "groups" in spec and set(spec) <= {"base", "eval", "smoke", "groups"}
+        assert expand_sweep(spec)  # every run of it is a valid RLConfig
     else:
         assert isinstance(load_config(str(path)), RLConfig)
 

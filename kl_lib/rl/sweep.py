@@ -57,7 +57,7 @@ from kl_lib.rl.config import (
     load_sweep_spec,
 )
 from kl_lib.rl.runlock import RunLockedError
-from kl_lib.rl.train import train
+from kl_lib.rl.train import resolve_device, train
 
 __all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep", "smoke_sft_config"]
 
@@ -112,7 +112,8 @@ def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None, on_confl
     try:
         result = train(cfg, progress=False, on_conflict=on_conflict)
         if settings is not None and result.status in ("done", "skipped"):
-            evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**{**settings, "task": cfg.task}))
+            evaluate_run(result.run_dir, cfg.data_dir, EvalSettings(**{**settings, "task": cfg.task}),
+                         device=resolve_device(cfg)[0])  # on the run's device: the GPU when it trained there
         return {"name": cfg.run_name(), "status": result.status, "steps": result.steps_completed,
                 "seconds": time.time() - start}
     except RunLockedError as err:  # another process trains it: reported, not trained twice

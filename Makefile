@@ -121,11 +121,11 @@ NB_PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env lock test reproduce report lab clean distclean data base-model sweep bench bench-trl FORCE
+.PHONY: help env lock test reproduce report lab clean distclean data base-model sweep study study-base-model bench bench-trl FORCE
 
 help: ## this list
 	@awk '/^## / { sub(/^## /, ""); print; next } /^[a-z][a-z-]*:.*## / { \
-		target = $$1; sub(/:.*/, "", target); sub(/^[^#]*## /, ""); printf "  make %-11s %s\n", target, $$0 }' \
+		target = $$1; sub(/:.*/, "", target); sub(/^[^#]*## /, ""); printf "  make %-16s %s\n", target, $$0 }' \
 		$(firstword $(MAKEFILE_LIST))
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,15 +223,46 @@ $(DATA_STAMP): kl_lib/tasks/arithmetic.py | env
 	$(PY) -m kl_lib.tasks.arithmetic --out data/arithmetic
 	touch $@
 
-base-model: $(BASE_MODEL)/DONE ## the SFT base model of the RL study (data/models/)
+base-model: $(BASE_MODEL)/DONE ## the short-answer study's SFT base model (data/models/tiny-base, a contrast)
 # kl_lib.lm.sft skips training when the config and the data are unchanged; touching DONE records the check.
 $(BASE_MODEL)/DONE: $(DATA_STAMP) kl_lib/lm/sft.py kl_lib/lm/models.py | env
 	$(PY) -m kl_lib.lm.sft --out $(BASE_MODEL) $(SFT_ARGS)
 	touch $@
 
-sweep: $(SWEEP_STAMP) ## the RL sweep of configs/sweep.yaml into runs/rl/ (skips finished runs)
+sweep: $(SWEEP_STAMP) ## the short-answer study (configs/sweep.yaml, 78 runs, ~12 min) into runs/rl/
 $(SWEEP_STAMP): configs/sweep.yaml $(BASE_MODEL)/DONE $(KL_LIB_SRC)
 	$(PY) -m kl_lib.rl.sweep configs/sweep.yaml $(SWEEP_ARGS)
+
+# The long-answer study (issue 11; design fixed in docs/preregistration.md): worked column arithmetic, ~41-token
+# answers, the paper's β grid, 250 steps. `make study` runs the whole pre-registered design (93 runs, about 2½ h on
+# 2 idle cores); `make reproduce` runs its reduced version (seed 0, β ∈ {0.1, 1} and no KL, both off-policy strata:
+# 21 of the 93 runs, same names and configs, so `make study` later only adds the rest). Both skip finished runs.
+ifneq ($(IS_SMOKE),)
+STUDY_BASE := data/models/worked-base-smoke
+STUDY_RUNS := runs/smoke/study
+STUDY_ARGS := --smoke --set runs_dir=$(STUDY_RUNS) --set model=$(STUDY_BASE)
+STUDY_REDUCED :=
+else
+STUDY_BASE := data/models/worked-base
+STUDY_RUNS := runs/study
+STUDY_ARGS :=
+STUDY_REDUCED := --seeds 0 --betas 0,0.1,1
+endif
+
+study-base-model: $(STUDY_BASE)/DONE ## the long-answer study's SFT base model (data/models/worked-base, ~1 min)
+$(STUDY_BASE)/DONE: kl_lib/lm/sft.py kl_lib/lm/models.py kl_lib/tasks/worked_arithmetic.py | env
+	$(PY) -m kl_lib.lm.sft --task worked_arithmetic --out $(STUDY_BASE) $(SFT_ARGS)
+	touch $@
+
+study: $(STUDY_RUNS)/.full ## the full pre-registered long-answer study into runs/study/ (93 runs, ~2½ h)
+$(STUDY_RUNS)/.full: configs/study.yaml $(STUDY_BASE)/DONE $(KL_LIB_SRC)
+	$(PY) -m kl_lib.rl.sweep configs/study.yaml --order seed $(STUDY_ARGS)
+	touch $@ $(STUDY_RUNS)/.reduced
+
+# The reduced study of `make reproduce` (the full study's runs include it).
+$(STUDY_RUNS)/.reduced: configs/study.yaml $(STUDY_BASE)/DONE $(KL_LIB_SRC)
+	$(PY) -m kl_lib.rl.sweep configs/study.yaml --order seed $(STUDY_ARGS) $(STUDY_REDUCED)
+	touch $@
 
 # Benchmarks (run by hand; figures go to runs/benchmarks/). bench-trl installs the `bench` extra (trl).
 bench: $(ENV_FILE) | env ## benchmarks of the exact computations and memory (runs/benchmarks/)
@@ -284,9 +315,9 @@ distclean: clean ## also data/ (except data/README.md), .venv and *.egg-info: a 
 
 # Notebooks that read what the RL targets produce (full runs; smoke notebooks build their own tiny models).
 ifeq ($(IS_SMOKE),)
-$(NB_OUT)/03_rl_finetuning.ipynb: $(BASE_MODEL)/DONE
+$(NB_OUT)/03_rl_finetuning.ipynb: $(STUDY_BASE)/DONE
 endif
-$(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(SWEEP_STAMP)
+$(NB_OUT)/04_evaluation.ipynb $(NB_OUT)/05_off_policy.ipynb: $(STUDY_RUNS)/.reduced
 
 # The browsable report (results.csv, figures, index.html linking every executed notebook) closes `reproduce`.
 ifneq ($(IS_SMOKE),)
@@ -296,5 +327,5 @@ REPORT := runs/report
 endif
 reproduce: $(REPORT)/index.html
 report: $(REPORT)/index.html ## runs/report/: results.csv, figures, index.html (the end of reproduce)
-$(REPORT)/index.html: $(EXECUTED) $(SWEEP_STAMP) $(KL_LIB_SRC) | env
-	$(PY) -m kl_lib.study.site --runs $(RL_RUNS) --notebooks $(NB_OUT) --out $(REPORT)
+$(REPORT)/index.html: $(EXECUTED) $(STUDY_RUNS)/.reduced $(KL_LIB_SRC) | env
+	$(PY) -m kl_lib.study.site --runs $(STUDY_RUNS) --notebooks $(NB_OUT) --out $(REPORT)

@@ -45,7 +45,7 @@ from kl_lib.files import config_digest, environment_info, write_json
 from kl_lib.tasks import arithmetic, worked_arithmetic
 from kl_lib.tasks.base import Problem
 
-__all__ = ["SFTConfig", "SFTTask", "SFT_TASKS", "SMOKE", "TASK_PRESETS", "train_base_model", "encode_sft"]
+__all__ = ["SFTConfig", "SFTTask", "SFT_TASKS", "SMOKE", "TASK_PRESETS", "encode_sft", "smoke_config", "train_base_model"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,15 @@ TASK_PRESETS: dict[str, SFTConfig] = {
                                    stop_at_probe_accuracy=0.4, steps=3000, batch_size=32),
 }
 """The starting config of ``--task NAME``: each generated task's data directory, model and probe budget."""
+
+
+def smoke_config(task: str = "arithmetic", data_dir: str | Path | None = None) -> SFTConfig:
+    """The smoke base model of ``task`` (``--smoke``): ``SMOKE``'s sizes with the task's data directory and its
+    preset's sequence and probe lengths; exactly ``SMOKE`` for ``arithmetic`` in its default directory."""
+    preset = TASK_PRESETS[task]
+    lengths = {} if task == "arithmetic" else {
+        name: getattr(preset, name) for name in ("task", "max_positions", "probe_max_new_tokens")}
+    return dataclasses.replace(SMOKE, data_dir=str(data_dir or preset.data_dir), **lengths)
 
 
 def encode_sft(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,9 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.task is not None and args.task not in TASK_PRESETS:
         parser.error(f"--task {args.task!r} is not valid; choose one of {', '.join(map(repr, TASK_PRESETS))}")
-    if args.smoke and args.task not in (None, "arithmetic"):
-        parser.error("--smoke is the arithmetic task's preset; for another task pass --task and small sizes")
-    base = SMOKE if args.smoke else TASK_PRESETS[args.task or "arithmetic"]
+    task = args.task or "arithmetic"
+    base = smoke_config(task) if args.smoke else TASK_PRESETS[task]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if getattr(args, f.name) is not None}
     config = dataclasses.replace(base, **given)
     train_base_model(args.out, config, force=args.force)

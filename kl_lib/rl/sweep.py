@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from kl_lib.files import write_json
 from kl_lib.lm.evaluate import EvalSettings, evaluate_path
-from kl_lib.lm.sft import SMOKE, TASK_PRESETS, SFTConfig, train_base_model
+from kl_lib.lm.sft import smoke_config, train_base_model
 from kl_lib.rl.checkpoints import evaluate_run
 from kl_lib.rl.config import (
     RLConfig,
@@ -59,7 +59,7 @@ from kl_lib.rl.config import (
 from kl_lib.rl.runlock import RunLockedError
 from kl_lib.rl.train import resolve_device, train
 
-__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep", "smoke_sft_config"]
+__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep"]
 
 
 
@@ -176,7 +176,7 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     todo = [c for c in configs if not complete(c)]
     if not todo and (runs_dir / "base_eval.json").exists():
         return runs_dir
-    train_base_model(model_dir, smoke_sft_config(task, data_dir))  # writes the task's splits first; reused if current
+    train_base_model(model_dir, smoke_config(task, data_dir))  # writes the task's splits first; reused if current
     evaluate_path(model_dir, data_dir, runs_dir / "base_eval.json", settings)  # cached by weights and settings
     # Finished runs whose config and base weights are unchanged are skipped by the trainer itself.
     results = run_sweep(todo, jobs=jobs, progress=False, settings=settings)
@@ -191,14 +191,6 @@ def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path
     return runs_dir
 
 
-def smoke_sft_config(task: str, data_dir: str | Path) -> SFTConfig:
-    """The smoke base model of ``task`` (``kl_lib.lm.sft.SMOKE``: seconds, mechanics only), with the task's
-    sequence and probe lengths from its preset; for ``arithmetic`` exactly ``SMOKE`` on ``data_dir``."""
-    lengths = {} if task == "arithmetic" else {
-        name: getattr(TASK_PRESETS[task], name) for name in ("max_positions", "probe_max_new_tokens")}
-    return dataclasses.replace(SMOKE, task=task, data_dir=str(data_dir), **lengths)
-
-
 _SWEEP_EXAMPLES = """examples:
   python -m kl_lib.rl.sweep configs/sweep.yaml --dry-run          list the runs and their digests
   python -m kl_lib.rl.sweep configs/sweep.yaml --jobs 2           the short-answer sweep (make sweep)
@@ -209,6 +201,17 @@ _SWEEP_EXAMPLES = """examples:
 A sweep file has base (fields shared by every run), eval, smoke and groups (set, seeds, betas, kl);
 see configs/sweep.yaml and the docstring of kl_lib.rl.sweep. --set and base/set take these fields:
 """
+
+
+def _number_list(kind: type) -> Any:
+    """An argparse type: a comma-separated list of ``kind`` numbers, with a clear error."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__} numbers, "
+                                             "e.g. 0,1") from None
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", choices=("file", "seed"), default="file",
                         help="file: runs in the order the file defines them (default); seed: every cell's first seed "
                              "before any cell's second, so that a sweep cut short leaves complete seeds")
+    parser.add_argument("--seeds", type=_number_list(int), metavar="S[,S...]",
+                        help="only the runs with these seeds, e.g. 0 or 0,1 (a subset of the file's design: same "
+                             "names and digests, so the rest can be added later)")
+    parser.add_argument("--betas", type=_number_list(float), metavar="B[,B...]",
+                        help="only the runs with these β, e.g. 0,0.1,1 (0 = the no-KL control)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--move-aside", action="store_true",
                         help="a run directory holding a run of another config is renamed to <name>.old-<time> and "
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep_spec(args.sweep)
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
         settings = eval_settings(spec, smoke=args.smoke)
+        configs = [c for c in configs if (args.seeds is None or c.seed in args.seeds)
+                   and (args.betas is None or c.kl.beta in args.betas)]
         if args.order == "seed":
             seeds = sorted({c.seed for c in configs})
             configs = sorted(configs, key=lambda c: seeds.index(c.seed))  # stable: the file's order within a seed
@@ -249,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not configs:
-        print("error: the sweep defines no runs", file=sys.stderr)
+        print("error: the sweep defines no runs" + (" with these --seeds/--betas" if args.seeds or args.betas else ""),
+              file=sys.stderr)
         return 2
     runs_dirs = sorted({c.runs_dir for c in configs})
     print(f"{len(configs)} runs into {', '.join(runs_dirs)}")

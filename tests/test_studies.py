@@ -99,3 +99,19 @@ def test_response_statistics_of_a_uniform_model(tmp_path):
     assert stats["token_entropy"] == pytest.approx(math.log(vocab), rel=1e-5)
     assert stats["sequence_entropy"] == pytest.approx(math.log(vocab) * stats["mean_length"], rel=1e-5)
     assert 1 <= stats["median_length"] <= 10 and 0 <= stats["finished_fraction"] <= 1
+
+
+def test_the_reduced_study_is_a_subset_of_the_design_with_the_same_digests(capsys):
+    """make reproduce's reduced study (--seeds 0 --betas 0,0.1,1): 21 of the 93 runs, each with the full design's
+    name and digest, so make study later only adds the rest."""
+    assert sweep_main(["configs/study.yaml", "--dry-run"]) == 0
+    full = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
+    assert sweep_main(["configs/study.yaml", "--dry-run", "--seeds", "0", "--betas", "0,0.1,1"]) == 0
+    reduced = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
+    assert len(reduced) == 21 and all(full[name] == digest for name, digest in reduced.items())
+    assert sum("lag10" in n for n in reduced) == 10 and "nokl-s0" in reduced
+    assert sweep_main(["configs/study.yaml", "--dry-run", "--seeds", "9"]) == 2
+    assert "no runs with these --seeds/--betas" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep_main(["configs/study.yaml", "--dry-run", "--betas", "one"])
+    assert "not a comma-separated list of float numbers" in capsys.readouterr().err

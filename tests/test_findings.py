@@ -347,3 +347,27 @@ def test_all_findings_paper_comparison_and_serialisation():
     assert "lag 2: 3/3, lag 8: 3/3" in comp.set_index("outcome").loc["Off-policy, no KL"].iloc[1]
     table = fnd.findings_table(found)
     assert list(table["finding"]) == ["F1", "F2", "F3"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The analysis cut of a study trained in seed order (docs/preregistration.md §5)
+
+
+def test_the_analysis_cut_keeps_the_seeds_complete_in_every_cell():
+    from kl_lib.study.tables import complete_seeds, restrict_to_seeds
+
+    specs = on_policy(seeds=(0, 1)) + [run_spec("k1 in reward", 0.1, 2), run_spec("k3 in loss", 0.5, 2)]
+    tables = make_tables(specs)
+    assert complete_seeds(tables.results) == [0, 1]  # seed 2 has started in two cells only
+    cut = restrict_to_seeds(tables, [0, 1])
+    assert set(cut.results["seed"]) == {0, 1} and len(cut.results) == 2 * len(ON_LABELS)
+    assert set(cut.metrics["run"]) == set(cut.results["run"]) == set(cut.scores["id_test"])
+    # a run that finished training but is not evaluated yet does not complete its seed
+    results = tables.results.copy()
+    results.loc[(results["seed"] == 1) & (results["label"] == "k3 in loss") & (results["beta"] == 0.1),
+                "evaluated"] = False
+    assert complete_seeds(results) == [0]
+    # a diverged run counts (it is scored 0), a missing seed-0 run leaves nothing to analyse
+    results.loc[results["seed"] == 1, "diverged"] = True
+    assert complete_seeds(results) == [0, 1]
+    assert complete_seeds(results[~((results["seed"] == 0) & (results["label"] == "no KL"))]) == []

@@ -42,6 +42,9 @@ __all__ = [
     "SPLITS",
     "RunTables",
     "checkpoint_table",
+    "complete_seeds",
+    "load_analysed_tables",
+    "restrict_to_seeds",
     "load_scores",
     "load_tables",
     "results_table",
@@ -174,3 +177,44 @@ def load_tables(runs_dir: str | Path) -> RunTables:
     scores, base = load_scores(runs_dir, results)
     return RunTables(results=results, metrics=metrics, scores=scores, base_scores=base,
                      checkpoints=checkpoint_table(runs_dir, results), runs_dir=str(runs_dir))
+
+
+def complete_seeds(results: pd.DataFrame) -> list[int]:
+    """The analysis cut of a study trained in seed order (``docs/preregistration.md`` §5): the seeds 0, 1, …, k − 1
+    for which *every* cell present (setting × configuration × β) has a finished run that is evaluated (or
+    diverged). Runs of later seeds are left out of the analysis, so that all cells have the same seeds."""
+    done = results[results["evaluated"] | results["diverged"]]
+    have = set(zip(done["setting"], done["label"], done["beta"], done["seed"]))
+    cells = set(zip(results["setting"], results["label"], results["beta"]))
+    k = 0
+    while cells and all((*cell, k) in have for cell in cells):
+        k += 1
+    return list(range(k))
+
+
+def restrict_to_seeds(tables: RunTables, seeds: list[int]) -> RunTables:
+    """The same tables with only the runs of ``seeds`` (the base model's scores unchanged)."""
+    keep = tables.results["seed"].isin(seeds)
+    runs = set(tables.results.loc[keep, "run"])
+    checkpoints = tables.checkpoints
+    if len(checkpoints):
+        checkpoints = checkpoints[checkpoints["run"].isin(runs)].reset_index(drop=True)
+    return RunTables(results=tables.results[keep].reset_index(drop=True),
+                     metrics=tables.metrics[tables.metrics["run"].isin(runs)].reset_index(drop=True),
+                     scores={split: {r: v for r, v in d.items() if r in runs} for split, d in tables.scores.items()},
+                     base_scores=tables.base_scores, checkpoints=checkpoints, runs_dir=tables.runs_dir)
+
+
+def load_analysed_tables(runs_dir: str | Path) -> tuple[RunTables, list[int]]:
+    """``(tables, seeds)``: :func:`load_tables` cut to :func:`complete_seeds`, and those seeds. A clear error when
+    no seed is complete for every cell yet (the study is still training its first seed)."""
+    tables = load_tables(runs_dir)
+    seeds = complete_seeds(tables.results)
+    if not seeds:
+        res = tables.results
+        cells = res.groupby(["setting", "label", "beta"]).ngroups
+        first = res[(res["seed"] == 0) & (res["evaluated"] | res["diverged"])].groupby(
+            ["setting", "label", "beta"]).ngroups
+        raise FileNotFoundError(f"{runs_dir}: no seed is finished and evaluated in every cell yet ({first} of {cells} "
+                                "cells have seed 0); let the study run on (make study) or analyse it later")
+    return restrict_to_seeds(tables, seeds), seeds

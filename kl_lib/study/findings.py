@@ -622,8 +622,10 @@ def _setup_rows(tables: RunTables) -> list[tuple[str, str, str, str]]:
         "group size": (f"G = {', '.join(str(int(g)) for g in sorted(res['group_size'].unique()))}"
                        if "group_size" in res else "see configs/sweep.yaml"),
         "training steps": ", ".join(str(int(s)) for s in sorted(res["steps"].unique())) + " steps",
-        "off-policy runs": (f"PPO-clip with lags {sorted(int(l) for l in lagged['async_lag'].unique())}, "
-                            f"the same model as on-policy" if len(lagged) else "none"),
+        "off-policy runs": (f"PPO-clip, Dr. GRPO, lags {sorted(int(l) for l in lagged['async_lag'].unique())}"
+                            + (f" × {sorted(int(m) for m in lagged['ppo_minibatches'].unique())} minibatches per batch"
+                               if "ppo_minibatches" in lagged and lagged["ppo_minibatches"].nunique() > 1 else "")
+                            + ", the same model as on-policy" if len(lagged) else "none"),
     }
     return [(f"setup: {name}", paper, ours[name], "—") for name, paper in PAPER_SETUP]
 

@@ -82,7 +82,7 @@ def results_table(runs_dir: str | Path) -> pd.DataFrame:
         row = {
             "run": d.name, "setting": setting_name(cfg["policy_loss"], cfg["async_lag"], cfg.get("ppo_minibatches", 1)),
             "label": run_label(cfg), "beta": cfg["kl"]["beta"], "seed": cfg["seed"], "async_lag": cfg["async_lag"],
-            "ppo_minibatches": cfg.get("ppo_minibatches", 1),
+            "ppo_minibatches": cfg.get("ppo_minibatches", 1), "group_size": cfg["group_size"],
             "policy_loss": cfg["policy_loss"], "advantage": cfg["advantage"], "steps": cfg["steps"],
             "status": summary["status"], "steps_completed": summary.get("steps_completed"),
             "diverged": diverged, "reward_collapse": bool(summary.get("reward_collapse", False)),

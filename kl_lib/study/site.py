@@ -577,7 +577,8 @@ def prediction_checks(outcomes: pd.DataFrame, setting: str = fnd.ON_POLICY, seed
                          "n_min": int(min(min(n[cell(a, x)], n[cell(b, x)]) for x in bs))})
     df = pd.DataFrame(rows, columns=["prediction", "β", "quantity", "a", "b", "mean a", "mean b", "difference a − b",
                                      "low", "high", "expected", "runs a, b", "n_min"])
-    df["status"] = [_prediction_status(r["expected"], r["low"], r["high"], r["n_min"], None) for _, r in df.iterrows()]
+    df["status"] = pd.Series([_prediction_status(r["expected"], r["low"], r["high"], r["n_min"], None)
+                              for _, r in df.iterrows()], index=df.index, dtype=object)
     ctrl = df[df["prediction"] == PREDICTIONS[1][0]]
     control = dict(zip(ctrl["β"], ctrl["status"]))
     zero = df["expected"] == "≈ 0"

@@ -49,6 +49,8 @@ import pandas as pd
 import seaborn as sns
 
 from kl_lib.files import git_commit, write_json, write_text
+from kl_lib.rl.config import load_sweep_spec
+from kl_lib.rl.sweep import expand_sweep
 from kl_lib.study import figures
 from kl_lib.study import findings as fnd
 from kl_lib.study import stats
@@ -425,9 +427,6 @@ def _grid_caption(ends: pd.DataFrame, beta: float, kl_blowup_nats: float | None)
 
 def planned_runs(study: Study, smoke: bool = False) -> dict[int, list[str]]:
     """The run names the study's sweep file plans (its smoke design with ``smoke``), per seed."""
-    from kl_lib.rl.config import load_sweep_spec
-    from kl_lib.rl.sweep import expand_sweep
-
     out: dict[int, list[str]] = {}
     for cfg in expand_sweep(load_sweep_spec(study.sweep), smoke=smoke):
         out.setdefault(int(cfg.seed), []).append(cfg.run_name())
@@ -438,8 +437,6 @@ def smoke_paths(study: Study) -> tuple[str, str, str, str]:
     """``(runs_dir, sweep, model_dir, data_dir)`` of the study's smoke version, the arguments of
     ``kl_lib.rl.sweep.ensure_smoke_sweep``: its smoke runs directory, its sweep file, the smoke SFT model next to
     its base model (``<base_model>-smoke``) and the sweep's task data."""
-    from kl_lib.rl.config import load_sweep_spec
-
     data_dir = load_sweep_spec(study.sweep)["base"]["data_dir"]
     return study.smoke_runs_dir, study.sweep, f"{study.base_model}-smoke", str(data_dir)
 

@@ -417,6 +417,8 @@ def plot_training_grid(tables: RunTables, setting: str = fnd.ON_POLICY, smooth: 
 def _grid_caption(ends: pd.DataFrame, beta: float, kl_blowup_nats: float | None) -> str:
     g = ends[(ends["beta"] == beta) | (ends["label"] == fnd.NO_KL)].groupby("label")[list(TRAINING_GRID)].mean()
     kl, reward = g["kl/analytic"], g["reward/mean"]
+    if len(g) == 1:  # nothing to rank: say which configuration it is
+        return f"β = {beta:g}: only {g.index[0]}, sequence KL {kl.iloc[0]:.1f} nats, reward {reward.iloc[0]:.2f}."
     above = "" if kl_blowup_nats is None else f"; {int((kl > kl_blowup_nats).sum())} configuration(s) above the threshold"
     return (f"β = {beta:g}: sequence KL {_extremes(kl, '{:.1f}')}; reward {_extremes(reward)}{above}.")
 

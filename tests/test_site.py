@@ -68,7 +68,8 @@ def test_report_files_tables_and_links(report, tiny_runs):
     assert all(f["verdict"] in ("supported", "not supported", "inconclusive at this scale") for f in found)
     page = index.read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) >= 6, images  # accuracy, training curves, entropy, checkpoints, off-policy ×2
+    assert len(images) >= 7, images  # accuracy, training grid, entropy, checkpoints, off-policy curves, staleness, summary
+    assert (out / "predictions.csv").is_file()
     for src in images:
         assert not src.startswith(("/", "file:")) and (out / src).is_file() and (out / src).with_suffix(".svg").is_file()
     links = re.findall(r'<a href="([^"]+)"', page)
@@ -114,3 +115,113 @@ def test_page_and_images_load_in_headless_chromium(report, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (900, 1200)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, "the screenshot looks blank"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The study helpers: analysis cut, exact-analysis predictions, staleness, strata, contrast
+
+
+def test_analysis_cut_keeps_complete_seeds_only(tiny_runs):
+    from kl_lib.study.tables import load_tables
+
+    _, runs_dir, _, _ = tiny_runs
+    tables = load_tables(runs_dir)
+    res = tables.results
+    by_seed = {int(s): list(g["run"]) for s, g in res.groupby("seed")}
+    planned = {0: by_seed[0], 1: by_seed[1] + ["a-run-not-trained-yet-s1"]}
+    cut, note = site.analysis_cut(tables, planned)
+    assert set(cut.results["run"]) == set(by_seed[0]) and "seeds [0] are complete" in note
+    assert set(cut.metrics["run"]) == set(by_seed[0])
+    assert all(set(d) <= set(by_seed[0]) for d in cut.scores.values())
+    everything, note = site.analysis_cut(tables, {0: by_seed[0] + ["missing-s0"], 1: planned[1]})
+    assert len(everything.results) == len(res) and note.startswith("PRELIMINARY")
+    same, note = site.analysis_cut(tables, planned, mode="all")
+    assert len(same.results) == len(res) and note.startswith("all")
+    with pytest.raises(ValueError, match="'cut'"):
+        site.analysis_cut(tables, planned, mode="some")
+
+
+def test_offpolicy_runs_staleness_is_minus_mean_log_ratio(tiny_runs):
+    from kl_lib.study import findings
+    from kl_lib.study.tables import load_tables
+
+    _, runs_dir, _, _ = tiny_runs
+    tables = load_tables(runs_dir)
+    off = site.offpolicy_runs(tables, findings.run_outcomes(tables))
+    assert len(off) == 2 and set(off["stratum"]) == {"2"}
+    for r in off.itertuples():
+        rows = [json.loads(line) for line in (runs_dir / r.run / "metrics.jsonl").read_text().splitlines()]
+        expected = -np.mean([row["offpolicy/log_ratio_mean"] for row in rows])
+        assert r.staleness == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert 0 <= r.clip_fraction <= 1
+
+
+def _outcomes(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def test_prediction_checks_statuses_follow_the_intervals():
+    rows = []
+    values = {"no KL": (0.0, 20.0, 5.0), "k1 in loss": (0.1, 20.0, 5.0), "k1 in reward": (0.1, 4.0, 3.0),
+              "k3 in reward": (0.1, 12.0, 3.0), "k3 in loss": (0.1, 4.0, 1.0)}
+    for label, (beta, kl, fwd) in values.items():
+        for seed, noise in enumerate((-0.3, 0.0, 0.3)):
+            rows.append({"setting": "on-policy", "label": label, "beta": beta, "seed": seed, "final_kl": kl + noise,
+                         "final_forward_kl": fwd + noise})
+    checks = site.prediction_checks(_outcomes(rows), n_boot=2000)
+    status = dict(zip(zip(checks["prediction"], checks["β"]), checks["status"]))
+    names = [p[0] for p in site.PREDICTIONS]
+    assert status[(names[1], 0.1)].startswith("shown")  # control: k1 in reward holds the KL
+    assert status[(names[0], 0.1)].startswith("shown")  # k1 in loss tracks no KL (difference 0)
+    assert status[(names[2], 0.1)].startswith("shown")  # k3 in reward above k1 in reward
+    assert status[(names[3], 0.1)].startswith("shown")  # k3 in loss lower forward KL
+    row = checks[(checks["prediction"] == names[2]) & (checks["β"] == 0.1)].iloc[0]
+    assert row["difference a − b"] == pytest.approx(8.0) and row["low"] > 0
+    # k1 in loss regularising (its KL far below no KL) contradicts the prediction.
+    flipped = [dict(r, final_kl=r["final_kl"] - 15) if r["label"] == "k1 in loss" else r for r in rows]
+    checks = site.prediction_checks(_outcomes(flipped), n_boot=2000)
+    assert checks.loc[checks["prediction"] == names[0], "status"].str.startswith("contradicted").all()
+    # One run per cell: nothing is distinguishable.
+    single = site.prediction_checks(_outcomes([r for r in rows if r["seed"] == 0]), n_boot=200)
+    assert single["status"].str.startswith("not distinguishable").all()
+    assert site.prediction_checks(_outcomes(rows[:1]), n_boot=10).empty
+
+
+def test_offpolicy_summary_keeps_minibatch_strata_apart():
+    import pandas as pd
+
+    settings = ["PPO lag 10", "PPO lag 10, 4 minibatches"]
+    out = pd.DataFrame([{"setting": s, "label": l, "policy_loss": "ppo", "async_lag": 10, "unstable": u,
+                         "diverged": False} for s in settings for l, u in (("no KL", s.endswith("minibatches")),
+                                                                          ("k1 in reward", False))])
+    acc = pd.DataFrame([{"setting": s, "label": l, "beta": 0.1, **{f"{n} {k}": v for n in ("ID", "OOD")
+                        for k, v in (("pass@1", 0.4), ("low", 0.3), ("high", 0.5))}}
+                        for s in settings for l in ("no KL", "k1 in reward")])
+    fig = site.plot_offpolicy_summary(acc, out)
+    labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
+    assert labels == settings
+    caption = fig.texts[-1].get_text().replace("\n", " ")
+    assert "PPO lag 10: unstable runs, no KL 0/1" in caption and "4 minibatches: unstable runs, no KL 1/1" in caption
+
+
+def test_study_contrast_reads_the_committed_short_study():
+    from kl_lib.study.findings import Finding
+
+    ref = Path(__file__).resolve().parents[1] / "runs" / "reference" / "rl"
+    if not (ref / "findings.json").is_file():
+        pytest.skip("no committed short-study reference results")
+    committed = {f["id"]: f for f in json.loads((ref / "findings.json").read_text())}
+    found = [Finding(id=f["id"], hypothesis="", test="", verdict=f["verdict"], numbers=f["numbers"])
+             for f in committed.values()]
+    import pandas as pd
+
+    outcomes = pd.DataFrame({"setting": ["on-policy", "on-policy"], "final_kl": [3.0, 50.0]})
+    table = site.study_contrast(found, outcomes, ref)
+    assert list(table["finding"][:3]) == ["F1", "F2", "F3"]
+    for _, r in table.iloc[:3].iterrows():
+        assert r.iloc[1].startswith(committed[r["finding"]]["verdict"])
+    short_kl = pd.read_csv(ref / "results.csv").query("setting == 'on-policy'")["final_kl"].max()
+    assert f"max {short_kl:.3g}" in table.iloc[3, 1] and table.iloc[3, 2].startswith("max 50")
+    assert site.study_contrast(found, outcomes, ref / "missing") is None

@@ -29,6 +29,7 @@ _PALETTE = {
     "k3 in reward": "#e7298a",
     "k3 in loss": "#7570b3",
     "k3 in reward+loss": "#1f78b4",
+    "k3 in loss (token IS)": "#bcbd22",
     "analytic in reward": "#fb9a99",
     "analytic in loss": "#cab2d6",
     "analytic in reward+loss": "#6a3d9a",
@@ -71,7 +72,7 @@ def _fallback_colours() -> list[str]:
     out = []
     for colour in sns.color_palette("tab20", n_colors=20).as_hex():
         rgb = _rgb(colour)
-        if min(sum((a - b) ** 2 for a, b in zip(rgb, f)) for f in fixed) > 0.02:
+        if min(sum((a - b) ** 2 for a, b in zip(rgb, f)) for f in fixed) > 0.06:
             out.append(colour)
     return out
 

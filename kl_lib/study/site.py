@@ -1,6 +1,11 @@
-"""The report: the sweep's results, main figures and findings on one static page, linking every notebook.
+"""The report: a study's results, main figures and findings on one static page, linking every notebook.
 
-    python -m kl_lib.study.site --runs runs/rl --notebooks runs/notebooks --out runs/report
+    python -m kl_lib.study.site --runs runs/study --notebooks runs/notebooks --out runs/report
+
+The study is recognised from its runs directory (``kl_lib.study.studies.study_of_runs``): its KL blow-up
+threshold, its planned runs and the pre-registered analysis cut (:func:`analysis_cut`: the seeds complete for every
+planned cell; a preliminary look at every finished run, flagged on the page, while no seed is complete). For the
+long-answer study the short-answer study's committed findings (``runs/reference/rl``) are a contrast section.
 
 :func:`build_report` writes into ``out_dir`` (every file atomically, ``kl_lib.files``):
 
@@ -9,6 +14,8 @@
     instability.csv         the runs that diverged, collapsed or blew up in KL (kl_lib.study.findings)
     paper_comparison.csv    the paper's reported outcomes next to ours
     findings.json           F1–F3: hypothesis, test, numbers, verdict, evidence
+    predictions.csv         what the exact analysis predicts, compared on the runs (:func:`prediction_checks`)
+    contrast.csv            the short-answer study's verdicts next to this study's (:func:`study_contrast`)
     fig_*.png / fig_*.svg   the main figures (below)
     index.html              the page: provenance header, findings, figures inline, links to the notebooks
 
@@ -32,6 +39,7 @@ import os
 import platform
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,16 +49,25 @@ import pandas as pd
 import seaborn as sns
 
 from kl_lib.files import git_commit, write_json, write_text
+from kl_lib.rl.config import load_sweep_spec
+from kl_lib.rl.sweep import expand_sweep
 from kl_lib.study import figures
 from kl_lib.study import findings as fnd
+from kl_lib.study import stats
 from kl_lib.study.figures import plot_training_curves
+from kl_lib.study.studies import Study, get_study, study_of_runs
 from kl_lib.study.tables import SPLITS, RunTables, load_tables
 
 __all__ = ["plot_accuracy", "plot_training", "plot_entropy_vs_forward_kl", "plot_checkpoints",
            "plot_offpolicy_curves", "plot_offpolicy_summary", "build_report", "main"]
 
+FORWARD_MYOPIC = "myopic forward KL Σ_t KL(π_ref(·|s_t)‖π(·|s_t)) at π's own states (nats)"
+"""What ``kl/forward_myopic`` is: a per-state forward KL summed along the policy's own samples, not the sequence
+forward KL(π_ref‖π) (that would need samples of π_ref)."""
 CURVES = {"reward/mean": "reward (batch mean)", "kl/analytic": "KL(π‖π_ref) per sequence (nats)",
-          "policy/entropy": "entropy per token (nats)", "kl/forward_myopic": "Σ_t KL(π_ref‖π) at π's states (nats)"}
+          "policy/entropy": "entropy per token (nats)", "kl/forward_myopic": FORWARD_MYOPIC}
+TRAINING_GRID = {"reward/mean": "reward (batch mean)", "kl/analytic": "sequence KL(π‖π_ref) (nats)",
+                 "policy/entropy": "entropy per token (nats)"}
 
 
 def _steps(n: int) -> str:
@@ -145,15 +162,18 @@ def plot_training(tables: RunTables, setting: str = fnd.ON_POLICY, beta: float |
     return fig
 
 
-def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, smooth: int = 5) -> plt.Figure:
-    """Trajectories of entropy against the myopic forward KL(π_ref‖π) per configuration, one panel per β."""
+def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, smooth: int = 5,
+                               outcomes: pd.DataFrame | None = None) -> plt.Figure:
+    """Trajectories of entropy against the myopic forward KL (``FORWARD_MYOPIC``) per configuration, one panel
+    per β (``outcomes``: :func:`kl_lib.study.findings.run_outcomes`, for the final-entropy interval)."""
     df = tables.metrics[tables.metrics["setting"] == setting].sort_values("step").copy()
     cols = ["kl/forward_myopic", "policy/entropy"]
     for c in cols:
         df[c] = df.groupby("run")[c].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
     betas = sorted(b for b in df["beta"].unique() if b > 0) or [0.0]
     palette = figures.config_palette(_ordered(df["label"]))
-    fig, axes = plt.subplots(1, len(betas), figsize=(6.2 * len(betas), 4.6), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, len(betas), figsize=(4.4 * len(betas) + 2.5, 4.6), squeeze=False, sharex=True,
+                             sharey=True)
     ends = []
     for ax, beta in zip(axes.flat, betas):
         sub = df[(df["beta"] == beta) | (df["label"] == fnd.NO_KL)]
@@ -166,18 +186,22 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
         start = mean[mean["step"] == mean["step"].min()][cols].mean()
         ax.plot(start[cols[0]], start[cols[1]], "*", color="gold", mec="k", ms=14, zorder=5, label="start (π = π_ref)")
         ax.set_title(f"β = {beta:g}")
-        ax.set_xlabel("myopic forward KL: Σ_t KL(π_ref‖π) at π's states (nats)")
-        ax.set_ylabel("policy entropy per token (nats)")
+        ax.set_xlabel("\n".join(textwrap.wrap(FORWARD_MYOPIC, 40)), fontsize=8)
+        ax.set_ylabel("policy entropy per token (nats)" if ax is axes.flat[0] else "")
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle(f"Entropy against forward KL during training ({setting}; mean over seeds, ● = end)", y=1.02)
+    fig.suptitle(f"Entropy against the myopic forward KL during training ({setting}; mean over seeds, ● = end)", y=1.02)
     fig.tight_layout()
-    e = pd.DataFrame(ends)
-    # Final entropy per run (W-step mean at the end) for a seed-level interval of the k1-in-reward − k3-in-loss gap.
-    out = fnd.run_outcomes(tables)
-    out = out[out["setting"] == setting]
+    out = fnd.run_outcomes(tables) if outcomes is None else outcomes
+    figures.caption(fig, "The paper reports that k1 in reward keeps lower entropy and k3 in loss behaves "
+                          "mode-covering. Here: " + _entropy_caption(pd.DataFrame(ends), out[out["setting"] == setting]))
+    return fig
+
+
+def _entropy_caption(ends: pd.DataFrame, out: pd.DataFrame) -> str:
+    """Per β: lowest final entropy, largest forward KL, and k1 in reward − k3 in loss in final entropy (seed CI)."""
     rng = np.random.default_rng(0)
     text = []
-    for beta, g in e.groupby("beta"):
+    for beta, g in ends.groupby("beta"):
         g = g.set_index("label")
         kl_only = g.drop(index=fnd.NO_KL, errors="ignore")
         if kl_only.empty:
@@ -188,15 +212,15 @@ def plot_entropy_vs_forward_kl(tables: RunTables, setting: str = fnd.ON_POLICY, 
             at = out[out["beta"] == beta]
             d, lo, hi = fnd.bootstrap_difference(at.loc[at["label"] == "k1 in reward", "final_entropy"],
                                                  at.loc[at["label"] == fnd.K3_LOSS, "final_entropy"], rng, 4000)
-            pair = (f" k1 in reward ends at entropy {a['entropy']:.3f} and forward KL {a['forward']:.3f}, "
-                    f"k3 in loss at {b['entropy']:.3f} and {b['forward']:.3f}; final-entropy difference k1 in "
-                    f"reward − k3 in loss {d:+.3f} nats/token (95% CI over seeds [{lo:+.3f}, {hi:+.3f}]).")
+            n = min((at["label"] == "k1 in reward").sum(), (at["label"] == fnd.K3_LOSS).sum())
+            ci = f"95% CI over seeds [{lo:+.3f}, {hi:+.3f}]" if n >= 2 else "one run per cell: no interval"
+            pair = (f" k1 in reward ends at entropy {a['entropy']:.3f} and forward KL {a['forward']:.2f}, "
+                    f"k3 in loss at {b['entropy']:.3f} and {b['forward']:.2f}; final-entropy difference k1 in "
+                    f"reward − k3 in loss {d:+.3f} nats/token ({ci}).")
         lowest = (kl_only["entropy"].idxmin() if np.ptp(kl_only["entropy"]) > 1e-9 else "a tie")
         largest = (kl_only["forward"].idxmax() if np.ptp(kl_only["forward"]) > 1e-9 else "a tie")
         text.append(f"β = {beta:g}: lowest final entropy {lowest}, largest forward KL {largest}.{pair}")
-    figures.caption(fig, "The paper reports that k1 in reward keeps lower entropy and k3 in loss behaves "
-                          "mode-covering. Here: " + " ".join(text))
-    return fig
+    return " ".join(text)
 
 
 def plot_checkpoints(tables: RunTables, setting: str = fnd.ON_POLICY) -> plt.Figure:
@@ -282,55 +306,377 @@ def plot_offpolicy_curves(tables: RunTables, smooth: int = 5) -> plt.Figure:
 
 def plot_offpolicy_summary(accuracy: pd.DataFrame, outcomes: pd.DataFrame,
                            base: dict[str, float] | None = None) -> plt.Figure:
-    """Per lag and configuration: fraction of unstable runs, and final ID / OOD pass@1 with 95% CIs
-    (dashed: the base model, when ``base`` is given)."""
+    """Per off-policy setting (lag and PPO minibatches: F3's strata) and configuration: fraction of unstable runs,
+    and final ID / OOD pass@1 with 95% CIs (dashed: the base model, when ``base`` is given)."""
     out = outcomes[outcomes["policy_loss"] == "ppo"]
-    acc = accuracy[accuracy["setting"].isin(out["setting"].unique())].copy()
+    settings = sorted(out["setting"].unique(), key=fnd.setting_key)
+    acc = accuracy[accuracy["setting"].isin(settings)]
     labels = _ordered(out["label"])
     palette = figures.config_palette(labels)
-    lags = sorted(out["async_lag"].unique())
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     width = 0.8 / max(1, len(labels))
-    rate = out.groupby(["async_lag", "label"])["unstable"].agg(["sum", "count"]).reset_index()
+    offset = lambda j: np.arange(len(settings)) + (j - (len(labels) - 1) / 2) * width
+    ticks = ["\n".join(textwrap.wrap(s, 18)) for s in settings]
+    rate = out.groupby(["setting", "label"])["unstable"].agg(["sum", "count"]).reset_index()
     ax = axes[0]
     for j, label in enumerate(labels):
-        r = rate[rate["label"] == label].set_index("async_lag").reindex(lags)
-        xs = np.arange(len(lags)) + (j - (len(labels) - 1) / 2) * width
+        r = rate[rate["label"] == label].set_index("setting").reindex(settings)
+        xs = offset(j)
         ax.bar(xs, (r["sum"] / r["count"]).fillna(0), width, color=palette[label], label=label, edgecolor="k", lw=0.4)
         for x, (s, c) in zip(xs, r[["sum", "count"]].itertuples(index=False)):
             if c == c:  # not NaN
                 ax.text(x, (s / c if c else 0) + 0.02, f"{int(s)}/{int(c)}", ha="center", fontsize=7, rotation=90)
-    ax.set_xticks(range(len(lags)), [f"lag {k}" for k in lags])
-    ax.set(ylim=(0, 1.15), ylabel="fraction of runs unstable (diverged or collapsed)", title="Instability")
-    acc["lag"] = acc["setting"].map(lambda s: int(s.rsplit(" ", 1)[-1]))
+    ax.set_xticks(range(len(settings)), ticks)
+    ax.set(ylim=(0, 1.2), ylabel="fraction of runs unstable (diverged or collapsed)", title="Instability")
     for ax, split in zip(axes[1:], SPLITS):
         name = fnd.SPLIT_NAMES[split]
         for j, label in enumerate(labels):
-            r = acc[acc["label"] == label].set_index("lag").reindex(lags)
+            r = acc[acc["label"] == label].set_index("setting").reindex(settings)
             if f"{name} pass@1" not in r:
                 continue
-            xs = np.arange(len(lags)) + (j - (len(labels) - 1) / 2) * width
-            ax.errorbar(xs, r[f"{name} pass@1"], yerr=[r[f"{name} pass@1"] - r[f"{name} low"],
-                                                       r[f"{name} high"] - r[f"{name} pass@1"]],
+            ax.errorbar(offset(j), r[f"{name} pass@1"], yerr=[r[f"{name} pass@1"] - r[f"{name} low"],
+                                                              r[f"{name} high"] - r[f"{name} pass@1"]],
                         fmt="o", color=palette[label], capsize=2, mec="k", mew=0.5, ms=6)
         if base is not None:
             ax.axhline(base[split], color="k", ls="--", lw=1, label="base model")
             ax.legend(loc="best", frameon=False, fontsize=8)
-        ax.set_xticks(range(len(lags)), [f"lag {k}" for k in lags])
+        ax.set_xticks(range(len(settings)), ticks)
         ax.set(ylabel="final pass@1 (mean over seeds, 95% CI)", title=f"{name} accuracy")
-    axes[0].legend(loc="upper left", frameon=False, fontsize=8)
-    fig.suptitle("Off-policy: stability and accuracy per lag and KL configuration", y=1.02)
+    axes[0].legend(loc="upper left", frameon=False, fontsize=7, ncol=2)
+    fig.suptitle("Off-policy: stability and accuracy per setting (lag, PPO minibatches) and KL configuration", y=1.02)
     fig.tight_layout()
     text = []
-    for lag in lags:
-        g = out[out["async_lag"] == lag]
+    for setting in settings:
+        g = out[out["setting"] == setting]
         nk, kl = g[g["label"] == fnd.NO_KL], g[g["label"].isin(fnd.OFFPOLICY_KL)]
         k1l = g[g["label"] == "k1 in loss"]
-        text.append(f"lag {lag}: unstable runs, no KL {int(nk['unstable'].sum())}/{len(nk)}, with k1 in reward / "
+        text.append(f"{setting}: unstable runs, no KL {int(nk['unstable'].sum())}/{len(nk)}, with k1 in reward / "
                     f"k3 in loss / k3 in loss (token IS) {int(kl['unstable'].sum())}/{len(kl)}, k1 in loss "
                     f"{int(k1l['unstable'].sum())}/{len(k1l)}")
     figures.caption(fig, "; ".join(text) + ". A diverged run counts 0 in the accuracy panels.")
     return fig
+
+
+def _tail_means(df: pd.DataFrame, cols: list[str], w: int) -> pd.DataFrame:
+    """Per run: the mean of ``cols`` over its last ``w`` logged steps, with its label."""
+    tail = df.sort_values("step").groupby("run").tail(w)
+    return tail.groupby(["run", "label"])[cols].mean().reset_index()
+
+
+def plot_training_grid(tables: RunTables, setting: str = fnd.ON_POLICY, smooth: int = 5,
+                       kl_blowup_nats: float | None = None) -> plt.Figure:
+    """Reward, sequence KL(π‖π_ref) and entropy (rows) against step, one column per β (the no-KL control in every
+    column), one colour per configuration: thin lines seeds, thick their mean; dotted: the KL blow-up threshold."""
+    raw = tables.metrics[tables.metrics["setting"] == setting].sort_values("step")
+    df = raw.copy()
+    betas = sorted(b for b in df["beta"].unique() if b > 0) or [0.0]
+    labels = _ordered(df["label"])
+    palette = figures.config_palette(labels)
+    for c in TRAINING_GRID:
+        df[c] = df.groupby("run")[c].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    width = max(7.5, 3.4 * len(betas) + 1.2)
+    fig, axes = plt.subplots(len(TRAINING_GRID), len(betas), figsize=(width, 8.2), squeeze=False, sharex=True,
+                             sharey="row")
+    for j, beta in enumerate(betas):
+        sub = df[(df["beta"] == beta) | (df["label"] == fnd.NO_KL)]
+        for i, (col, name) in enumerate(TRAINING_GRID.items()):
+            ax = axes[i, j]
+            for label in _ordered(sub["label"]):
+                runs = sub[sub["label"] == label]
+                for _, r in runs.groupby("run"):
+                    ax.plot(r["step"], r[col], color=palette[label], lw=0.6, alpha=0.3)
+                m = runs.groupby("step")[col].mean()
+                ax.plot(m.index, m.values, color=palette[label], lw=1.8)
+            if col == "kl/analytic":
+                ax.set_yscale("symlog", linthresh=1.0)
+                if kl_blowup_nats is not None:
+                    ax.axhline(kl_blowup_nats, color="k", ls=":", lw=1)
+            ax.set_ylabel(name if j == 0 else "")
+            ax.set_title(f"β = {beta:g}" if i == 0 else "")
+            ax.set_xlabel("training step" if i == len(TRAINING_GRID) - 1 else "")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=palette[l], lw=2, label=l) for l in labels]
+    if kl_blowup_nats is not None:
+        handles.append(plt.Line2D([], [], color="k", ls=":", lw=1, label=f"KL blow-up threshold ({kl_blowup_nats:g} nats)"))
+    ncol = max(1, min(len(handles), int(width // 2.3)))
+    top = 1 - (0.05 + 0.03 * math.ceil(len(handles) / ncol)) * 8.2 / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top + 0.005 + 0.03 * math.ceil(len(handles) / ncol)),
+               ncol=ncol, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(
+        f"Training curves ({setting}), one column per β, no KL repeated in each; thin: seeds, thick: their mean "
+        f"(rolling mean over {smooth} steps); KL axis linear below 1 nat, logarithmic above", int(width * 13))),
+        y=1.0, va="bottom", fontsize=10)
+    w = fnd.smoothing_window(int(raw["step"].max()) + 1)
+    ends = _tail_means(raw, list(TRAINING_GRID), w).merge(raw[["run", "beta"]].drop_duplicates(), on="run")
+    figures.caption(fig, f"Over the last {_steps(w)}, mean over runs: " + " ".join(
+        _grid_caption(ends, beta, kl_blowup_nats) for beta in betas))
+    return fig
+
+
+def _grid_caption(ends: pd.DataFrame, beta: float, kl_blowup_nats: float | None) -> str:
+    g = ends[(ends["beta"] == beta) | (ends["label"] == fnd.NO_KL)].groupby("label")[list(TRAINING_GRID)].mean()
+    kl, reward = g["kl/analytic"], g["reward/mean"]
+    if len(g) == 1:  # nothing to rank: say which configuration it is
+        return f"β = {beta:g}: only {g.index[0]}, sequence KL {kl.iloc[0]:.1f} nats, reward {reward.iloc[0]:.2f}."
+    above = "" if kl_blowup_nats is None else f"; {int((kl > kl_blowup_nats).sum())} configuration(s) above the threshold"
+    return (f"β = {beta:g}: sequence KL {_extremes(kl, '{:.1f}')}; reward {_extremes(reward)}{above}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The study's analysis cut: the seeds complete for every planned cell (docs/preregistration.md §5)
+
+
+def planned_runs(study: Study, smoke: bool = False) -> dict[int, list[str]]:
+    """The run names the study's sweep file plans (its smoke design with ``smoke``), per seed."""
+    out: dict[int, list[str]] = {}
+    for cfg in expand_sweep(load_sweep_spec(study.sweep), smoke=smoke):
+        out.setdefault(int(cfg.seed), []).append(cfg.run_name())
+    return out
+
+
+def smoke_paths(study: Study) -> tuple[str, str, str, str]:
+    """``(runs_dir, sweep, model_dir, data_dir)`` of the study's smoke version, the arguments of
+    ``kl_lib.rl.sweep.ensure_smoke_sweep``: its smoke runs directory, its sweep file, the smoke SFT model next to
+    its base model (``<base_model>-smoke``) and the sweep's task data."""
+    data_dir = load_sweep_spec(study.sweep)["base"]["data_dir"]
+    return study.smoke_runs_dir, study.sweep, f"{study.base_model}-smoke", str(data_dir)
+
+
+def greedy_table(results: pd.DataFrame, rng: np.random.Generator, n_boot: int = 4000) -> pd.DataFrame:
+    """Per setting × configuration × β: greedy accuracy of the final models, ID and OOD, mean over runs with a
+    95% bootstrap interval over runs (greedy decoding has one answer per problem, so runs are the only
+    randomness; no interval with one run). Diverged runs (no model) are left out and counted."""
+    rows = []
+    for (setting, label, beta), g in results.groupby(["setting", "label", "beta"]):
+        row = {"setting": setting, "configuration": label, "β": beta, "runs": len(g), "diverged": int(g["diverged"].sum())}
+        for split in SPLITS:
+            x = g[f"{split} greedy"].dropna().to_numpy(float)
+            name = f"{fnd.SPLIT_NAMES[split]} greedy"
+            if x.size == 0:
+                row[name] = "–"
+                continue
+            lo, hi = stats.interval(x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)) if x.size > 1 else (0, 0)
+            row[name] = f"{x.mean():.3f} [{lo:.3f}, {hi:.3f}]" if x.size > 1 else f"{x.mean():.3f} (1 run)"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return fnd.sort_configs(out.rename(columns={"configuration": "label", "β": "beta"})).rename(
+        columns={"label": "configuration", "beta": "β"})
+
+
+def restrict_tables(tables: RunTables, runs) -> RunTables:
+    """``tables`` with only the runs named in ``runs`` (results, metrics, scores, checkpoints)."""
+    keep = set(runs)
+    return RunTables(results=tables.results[tables.results["run"].isin(keep)].reset_index(drop=True),
+                     metrics=tables.metrics[tables.metrics["run"].isin(keep)].reset_index(drop=True),
+                     scores={s: {r: v for r, v in d.items() if r in keep} for s, d in tables.scores.items()},
+                     base_scores=tables.base_scores,
+                     checkpoints=tables.checkpoints[tables.checkpoints["run"].isin(keep)].reset_index(drop=True),
+                     runs_dir=tables.runs_dir)
+
+
+def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "cut") -> tuple[RunTables, str]:
+    """The tables the analysis reads and a sentence saying which runs those are.
+
+    ``mode="cut"`` (the pre-registered rule): the finished runs of the seeds that are complete for every planned
+    cell; when no seed is complete yet, every finished run, flagged as a preliminary look. ``mode="all"``: every
+    finished run. Runs outside the plan are left out under ``"cut"`` (and named in the sentence).
+    """
+    if mode not in ("cut", "all"):
+        raise ValueError(f"analysis mode {mode!r}: choose 'cut' (seeds complete for every cell) or 'all'")
+    finished = set(tables.results["run"])
+    in_plan = {r for runs in planned.values() for r in runs}
+    counts = ", ".join(f"seed {s}: {sum(r in finished for r in runs)}/{len(runs)}" for s, runs in sorted(planned.items()))
+    complete = [s for s, runs in sorted(planned.items()) if all(r in finished for r in runs)]
+    if mode == "all" or not finished & in_plan:
+        why = "" if finished & in_plan else " (none of them is a run the study's sweep file plans)"
+        return tables, f"all {len(finished)} finished runs are analysed{why}; planned runs finished per seed: {counts}."
+    if not complete:
+        return tables, (f"PRELIMINARY: no seed is complete for every planned cell yet (finished/planned per seed: "
+                        f"{counts}); every one of the {len(finished)} finished runs is analysed, which is not the "
+                        "pre-registered analysis (docs/preregistration.md §5): cells have different seeds or none.")
+    keep = {r for s in complete for r in planned[s]}
+    outside = len(finished - keep)
+    return restrict_tables(tables, keep), (
+        f"the analysis cut: seeds {complete} are complete for every planned cell ({counts}); their {len(keep)} runs "
+        f"are analysed" + (f", {outside} finished run(s) of incomplete seeds or outside the plan are left out." if
+                           outside else "."))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the exact analysis predicts, compared on the runs (descriptive; not tested as findings)
+
+
+PREDICTIONS = (
+    ("k1 in loss regularises nothing on-policy (expected gradient 0): its final KL tracks the no-KL control's",
+     "final_kl", "k1 in loss", fnd.NO_KL, "≈ 0"),
+    ("control: k1 in reward (unbiased) does hold the KL below the no-KL control's",
+     "final_kl", "k1 in reward", fnd.NO_KL, "< 0"),
+    ("k3 in reward is biased (its expected gradient is not ∇KL): it holds KL(π‖π_ref) less than k1 in reward",
+     "final_kl", "k3 in reward", "k1 in reward", "> 0"),
+    ("k3 in loss follows the forward-KL direction: lower myopic forward KL than k1 in reward",
+     "final_forward_kl", "k3 in loss", "k1 in reward", "< 0"),
+)
+"""(prediction, outcome column, configuration a, configuration b, expected sign of a − b at the same β)."""
+
+
+def _cell_replicates(outcomes: pd.DataFrame, col: str, rng: np.random.Generator,
+                     n_boot: int) -> dict[tuple[str, float], np.ndarray]:
+    """Bootstrap replicates of each (label, β) cell's mean of ``col`` (runs resampled within the cell)."""
+    reps = {}
+    for (label, beta), g in outcomes.groupby(["label", "beta"]):
+        x = g[col].to_numpy(float)
+        reps[(label, float(beta))] = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
+    return reps
+
+
+def _prediction_status(expected: str, low: float, high: float, n_min: int, control: str | None) -> str:
+    if n_min < 2:
+        return "not distinguishable: fewer than 2 runs in a cell"
+    if expected == "≈ 0":
+        if low > 0 or high < 0:
+            return "contradicted: the interval excludes 0"
+        if control is not None and control.startswith("shown"):
+            return "shown: interval contains 0 while the control's excludes it"
+        return "not distinguishable: the control does not separate either"
+    sign = 1 if expected == "> 0" else -1
+    if (low > 0 if sign > 0 else high < 0):
+        return "shown: the interval excludes 0 in the predicted direction"
+    if (high < 0 if sign > 0 else low > 0):
+        return "contradicted: the interval excludes 0 in the other direction"
+    return "not distinguishable: the interval contains 0"
+
+
+def prediction_checks(outcomes: pd.DataFrame, setting: str = fnd.ON_POLICY, seed: int = 0,
+                      n_boot: int = 4000) -> pd.DataFrame:
+    """Each ``PREDICTIONS`` row per β and over all β: difference a − b of the cells' mean outcome (W-step mean at
+    the end), a 95% bootstrap interval (runs resampled within each cell; the no-KL cell is shared by every β and
+    resampled once), and a status: "shown", "contradicted" or "not distinguishable" (fewer than 2 runs in a cell,
+    or an interval containing 0). "≈ 0" is shown only when its control row (k1 in reward vs no KL) separates.
+    Over all β: the equal-weight mean of the per-β differences. Descriptive: no α, not one of the findings."""
+    out = outcomes[outcomes["setting"] == setting]
+    betas = sorted(b for b in out["beta"].unique() if b > 0)
+    rows = []
+    for prediction, col, a, b, expected in PREDICTIONS:
+        rng = np.random.default_rng(seed)
+        reps = _cell_replicates(out, col, rng, n_boot)
+        n = out.groupby(["label", "beta"]).size()
+        cell = lambda label, beta: (label, 0.0 if label == fnd.NO_KL else float(beta))
+        usable = [beta for beta in betas if cell(a, beta) in reps and cell(b, beta) in reps]
+        for stratum in [*usable, "all β"] if usable else []:
+            bs = usable if stratum == "all β" else [stratum]
+            d_reps = np.mean([reps[cell(a, x)] - reps[cell(b, x)] for x in bs], axis=0)
+            mean = lambda label: float(np.mean([out.loc[(out["label"] == label) & (out["beta"] == cell(label, x)[1]),
+                                                        col].mean() for x in bs]))
+            low, high = stats.interval(d_reps)
+            rows.append({"prediction": prediction, "β": stratum, "quantity": col, "a": a, "b": b,
+                         "mean a": mean(a), "mean b": mean(b), "difference a − b": mean(a) - mean(b), "low": low,
+                         "high": high, "expected": expected,
+                         "runs a, b": f"{int(sum(n[cell(a, x)] for x in bs))}, {int(n[cell(b, bs[0])])}",
+                         "n_min": int(min(min(n[cell(a, x)], n[cell(b, x)]) for x in bs))})
+    df = pd.DataFrame(rows, columns=["prediction", "β", "quantity", "a", "b", "mean a", "mean b", "difference a − b",
+                                     "low", "high", "expected", "runs a, b", "n_min"])
+    df["status"] = pd.Series([_prediction_status(r["expected"], r["low"], r["high"], r["n_min"], None)
+                              for _, r in df.iterrows()], index=df.index, dtype=object)
+    ctrl = df[df["prediction"] == PREDICTIONS[1][0]]
+    control = dict(zip(ctrl["β"], ctrl["status"]))
+    zero = df["expected"] == "≈ 0"
+    df.loc[zero, "status"] = [_prediction_status("≈ 0", r["low"], r["high"], r["n_min"], control.get(r["β"]))
+                              for _, r in df[zero].iterrows()]
+    return df.drop(columns="n_min")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Off-policy: staleness and clipping per run
+
+
+def offpolicy_runs(tables: RunTables, outcomes: pd.DataFrame) -> pd.DataFrame:
+    """One row per lagged PPO run: its F3 stratum (``findings.offpolicy_stratum``), ``staleness`` = KL(μ‖π) per
+    token ≈ −mean over the run's steps of ``offpolicy/log_ratio_mean`` (log π − log μ on tokens drawn from μ),
+    ``clip_fraction`` = mean of ``ppo/clip_fraction`` (share of tokens whose ratio PPO clipped), and the outcome
+    columns of :func:`kl_lib.study.findings.run_outcomes`."""
+    m = tables.metrics[(tables.metrics["policy_loss"] == "ppo") & (tables.metrics["async_lag"] > 0)]
+    cols = {"offpolicy/log_ratio_mean": "log_ratio", "ppo/clip_fraction": "clip_fraction"}
+    m = m.reindex(columns=["run", *cols]).rename(columns=cols)
+    per_run = m.groupby("run")[["log_ratio", "clip_fraction"]].mean()
+    per_run["staleness"] = -per_run.pop("log_ratio")
+    keep = ["run", "setting", "label", "beta", "seed", "async_lag", "ppo_minibatches", "diverged", "collapsed",
+            "unstable", "final_reward", "peak_reward"]
+    out = outcomes.loc[outcomes["run"].isin(per_run.index), keep].merge(per_run.reset_index(), on="run")
+    out.insert(1, "stratum", [str(fnd.offpolicy_stratum(a, b)) for a, b in zip(out["async_lag"], out["ppo_minibatches"])])
+    return fnd.sort_configs(out)
+
+
+def plot_staleness(off: pd.DataFrame) -> plt.Figure:
+    """Per lagged run (:func:`offpolicy_runs`): staleness KL(μ‖π) per token and the PPO clip fraction, per
+    configuration (x) and setting (marker)."""
+    settings = sorted(off["setting"].unique(), key=fnd.setting_key)
+    labels = _ordered(off["label"])
+    palette = figures.config_palette(labels)
+    markers = dict(zip(settings, "oD^sv"))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    width = 0.5 / max(1, len(settings))
+    for ax, col, name in zip(axes, ["staleness", "clip_fraction"],
+                             ["staleness KL(μ‖π) per token (nats)\n= −mean of offpolicy/log_ratio_mean", "PPO clip fraction (share of tokens)"]):
+        for i, label in enumerate(labels):
+            for j, setting in enumerate(settings):
+                y = off.loc[(off["label"] == label) & (off["setting"] == setting), col]
+                x = np.full(len(y), i + (j - (len(settings) - 1) / 2) * width)
+                ax.scatter(x, y, marker=markers[setting], color=palette[label], edgecolor="k", lw=0.4, s=40)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", rotation_mode="anchor")
+        ax.set_ylabel(name)
+    handles = [plt.Line2D([], [], marker=markers[s], ls="", color="0.6", mec="k", label=s) for s in settings]
+    axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle("How stale the lagged rollouts are: one point per run (mean over its steps)", y=1.02)
+    fig.tight_layout()
+    med = off.groupby("setting")[["staleness", "clip_fraction"]].median().reindex(settings)
+    figures.caption(fig, "Median over runs: " + "; ".join(
+        f"{s}: KL(μ‖π) {r['staleness']:.3g} nats/token, clip fraction {100 * r['clip_fraction']:.2g}%"
+        for s, r in med.iterrows()) + ". The pre-registered lag rule asked for ≥ 0.05 nats/token or ≥ 5% clipped "
+        "tokens on the no-KL pilot (docs/preregistration.md §6).")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The short-answer study as a contrast
+
+
+def finding_numbers(fid: str, numbers: dict[str, Any]) -> str:
+    """The headline numbers of a finding (``Finding.numbers``) in one line."""
+    g = lambda k: numbers.get(k, math.nan)
+    if fid == "F1":
+        return (f"unstable incl. KL blow-up: biased {g('biased_unstable')}/{g('biased_runs')} vs other KL "
+                f"{g('other_unstable')}/{g('other_runs')} (p = {g('p_two_sided'):.3g})")
+    if fid == "F2":
+        return "; ".join(f"{s} Δ = {g(f'{s}_difference'):+.3f} [{g(f'{s}_low'):+.3f}, {g(f'{s}_high'):+.3f}] "
+                         f"(p = {g(f'{s}_p_value'):.3g})" for s in ("ID", "OOD"))
+    if fid == "F3":
+        return (f"unstable: no KL {g('no_kl_unstable')}/{g('no_kl_runs')} vs with KL {g('kl_unstable')}/{g('kl_runs')}"
+                f" (p = {g('p_two_sided'):.3g})")
+    return ""
+
+
+def study_contrast(found: list[fnd.Finding], outcomes: pd.DataFrame,
+                   reference_dir: str | Path = "runs/reference/rl") -> pd.DataFrame | None:
+    """Per finding: the short-answer study's committed verdict and numbers (``reference_dir/findings.json``) next
+    to this study's, plus a row of the on-policy final sequence KL of each (``results.csv``). None when the
+    reference files are missing."""
+    ref = Path(reference_dir)
+    if not (ref / "findings.json").is_file():
+        return None
+    short = {f["id"]: f for f in json.loads((ref / "findings.json").read_text())}
+    rows = [{"finding": f.id, "short-answer study (committed reference)":
+             f"{short[f.id]['verdict']}: {finding_numbers(f.id, short[f.id]['numbers'])}" if f.id in short else "—",
+             "this study": f"{f.verdict}: {finding_numbers(f.id, f.numbers)}"} for f in found]
+
+    def kl_line(df: pd.DataFrame) -> str:
+        kl = df.loc[df["setting"] == fnd.ON_POLICY, "final_kl"].astype(float)
+        return f"max {kl.max():.3g}, median {kl.median():.3g} nats over {len(kl)} runs" if len(kl) else "no runs"
+
+    short_kl = kl_line(pd.read_csv(ref / "results.csv")) if (ref / "results.csv").is_file() else "—"
+    rows.append({"finding": "on-policy final KL(π‖π_ref) per sequence", "short-answer study (committed reference)":
+                 short_kl, "this study": kl_line(outcomes)})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,24 +738,34 @@ class _Analysis(NamedTuple):
     found: list[fnd.Finding]
     comparison: pd.DataFrame
     base: dict[str, float]
+    study: Study
+    cut_note: str
+    predictions: pd.DataFrame
+    contrast: pd.DataFrame | None
 
 
-def _analyse(runs_dir: Path, seed: int, n_boot: int) -> _Analysis:
-    tables = load_tables(runs_dir)
-    outcomes = fnd.run_outcomes(tables)
+def _analyse(runs_dir: Path, seed: int, n_boot: int, contrast_dir: Path | None = None) -> _Analysis:
+    """The study's analysis of ``runs_dir``: its analysis cut, outcomes with its blow-up threshold, findings,
+    the exact analysis's predictions, and the contrast with ``contrast_dir``'s committed findings."""
+    study = study_of_runs(runs_dir)
+    smoke = bool(_provenance(runs_dir)["smoke"])
+    tables, cut_note = analysis_cut(load_tables(runs_dir), planned_runs(study, smoke))
+    outcomes = fnd.run_outcomes(tables, kl_blowup_nats=study.kl_blowup_nats)
     rng = np.random.default_rng(seed)
     accuracy = fnd.accuracy_table(tables, rng, n_boot=n_boot)
-    found = fnd.all_findings(tables, seed=seed, n_boot=n_boot, outcomes=outcomes)
+    found = fnd.all_findings(tables, seed=seed, n_boot=n_boot, outcomes=outcomes, kl_blowup_nats=study.kl_blowup_nats)
     comparison = fnd.paper_comparison(tables, accuracy, outcomes, found)
     base = {s: tables.base_accuracy(s) for s in SPLITS}
-    return _Analysis(tables, outcomes, accuracy, found, comparison, base)
+    predictions = prediction_checks(outcomes, seed=seed, n_boot=n_boot)
+    contrast = study_contrast(found, outcomes, contrast_dir) if contrast_dir is not None else None
+    return _Analysis(tables, outcomes, accuracy, found, comparison, base, study, cut_note, predictions, contrast)
 
 
 def _write_tables(out_dir: Path, a: _Analysis) -> None:
     """results.csv, accuracy.csv, instability.csv, paper_comparison.csv and findings.json."""
     results = a.tables.results.merge(
         a.outcomes[["run", "collapsed", "kl_blowup", "unstable", "final_reward"]], on="run", how="left")
-    cols = ["setting", "label", "beta", "seed", "async_lag", "run", "status", "diverged", "reward_collapse",
+    cols = ["setting", "label", "beta", "seed", "async_lag", "ppo_minibatches", "run", "status", "diverged", "reward_collapse",
             "collapsed", "kl_blowup", "unstable", "id_test pass@1", "id_test greedy", "ood_test pass@1",
             "ood_test greedy", "final_kl", "final_entropy", "final_reward"]
     write_text(out_dir / "results.csv", fnd.sort_configs(results)[cols].to_csv(index=False))
@@ -417,6 +773,9 @@ def _write_tables(out_dir: Path, a: _Analysis) -> None:
     write_text(out_dir / "instability.csv", fnd.instability_table(a.outcomes).to_csv(index=False))
     write_text(out_dir / "paper_comparison.csv", a.comparison.to_csv(index=False))
     write_json(out_dir / "findings.json", [f.to_dict() for f in a.found])
+    write_text(out_dir / "predictions.csv", a.predictions.to_csv(index=False))
+    if a.contrast is not None:
+        write_text(out_dir / "contrast.csv", a.contrast.to_csv(index=False))
 
 
 def _save_figures(out_dir: Path, a: _Analysis) -> list[tuple[str, str]]:
@@ -431,14 +790,16 @@ def _save_figures(out_dir: Path, a: _Analysis) -> list[tuple[str, str]]:
     tables = a.tables
     if fnd.ON_POLICY in set(tables.results["setting"]):
         save(plot_accuracy(a.accuracy, a.base), "fig_accuracy", "Accuracy per KL configuration (on-policy)")
-        on_policy = tables.results[tables.results["setting"] == fnd.ON_POLICY]
-        for beta in sorted(b for b in on_policy["beta"].unique() if b > 0):
-            save(plot_training(tables, fnd.ON_POLICY, beta), f"fig_training_b{beta:g}".replace(".", "p"),
-                 f"Training curves (on-policy, β = {beta:g})")
-        save(plot_entropy_vs_forward_kl(tables), "fig_entropy_forward_kl", "Entropy against forward KL")
+        save(plot_training_grid(tables, kl_blowup_nats=a.study.kl_blowup_nats), "fig_training",
+             "Training curves per β (on-policy)")
+        save(plot_entropy_vs_forward_kl(tables, outcomes=a.outcomes), "fig_entropy_forward_kl",
+             "Entropy against the myopic forward KL")
         save(plot_checkpoints(tables), "fig_checkpoints", "Mid-training checkpoints vs final")
     if (tables.results["policy_loss"] == "ppo").any():
-        save(plot_offpolicy_curves(tables), "fig_offpolicy_curves", "Off-policy reward curves per lag")
+        save(plot_offpolicy_curves(tables), "fig_offpolicy_curves", "Off-policy reward curves per setting")
+        off = offpolicy_runs(tables, a.outcomes)
+        if len(off):
+            save(plot_staleness(off), "fig_staleness", "Staleness and PPO clipping of the lagged runs")
         save(plot_offpolicy_summary(a.accuracy, a.outcomes, a.base), "fig_offpolicy",
              "Off-policy stability and accuracy")
     return saved
@@ -449,6 +810,9 @@ def _header_html(a: _Analysis, runs_dir: Path, notebooks_dir: Path, out_dir: Pat
     parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>KL estimators: report</title>"
              f"<style>{_STYLE}</style></head><body>",
              "<header><h1>A Comedy of Estimators: small-scale reproduction report</h1>",
+             f"<p><b>{html.escape(a.study.title[:1].upper() + a.study.title[1:])}</b> (<code>{html.escape(a.study.sweep)}"
+             f"</code>; KL blow-up threshold {a.study.kl_blowup_nats:g} nats per sequence). Runs analysed: "
+             f"{html.escape(a.cut_note)}</p>",
              f"<p>Produced by <code>python -m kl_lib.study.site --runs {html.escape(str(runs_dir))} --notebooks "
              f"{html.escape(str(notebooks_dir))} --out {html.escape(str(out_dir))}</code> at git commit "
              f"<code>{html.escape(prov['git_commit'])}</code> on {html.escape(prov['date'])}, machine "
@@ -488,8 +852,17 @@ def _notebooks_html(notebooks_dir: Path, out_dir: Path) -> str:
 
 def _body_html(a: _Analysis, saved: list[tuple[str, str]], notebooks_dir: Path, out_dir: Path) -> str:
     """Everything after the findings: comparison, figures, tables, notebook and file links."""
-    parts = ["<h2>The paper's outcomes next to ours (different scales)</h2>" + _table_html(a.comparison),
-             "<h2>Figures</h2>"]
+    parts = ["<h2>The paper's outcomes next to ours (different scales)</h2>" + _table_html(a.comparison)]
+    if len(a.predictions):
+        parts.append("<h2>What the exact analysis predicts, on the runs</h2><p>Descriptive (not a finding): final "
+                     "values (mean over the last W steps), a − b at the same β with a 95% bootstrap interval over "
+                     "runs; “not distinguishable” when a cell has fewer than 2 runs or the interval contains 0.</p>"
+                     + _table_html(a.predictions))
+    if a.contrast is not None:
+        parts.append("<h2>Contrast: the short-answer study</h2><p>The earlier study (one-step arithmetic, answers "
+                     "of 4–6 tokens, <code>configs/sweep.yaml</code>), from its committed reference results "
+                     "(<code>runs/reference/rl</code>), next to this study.</p>" + _table_html(a.contrast))
+    parts.append("<h2>Figures</h2>")
     for stem, title in saved:
         parts.append(f'<h3>{html.escape(title)}</h3><p><img src="{stem}.png" alt="{html.escape(title)}"> '
                      f'<br><a href="{stem}.svg">SVG</a></p>')
@@ -502,18 +875,21 @@ def _body_html(a: _Analysis, saved: list[tuple[str, str]], notebooks_dir: Path, 
     parts.append(_notebooks_html(notebooks_dir, out_dir))
     parts.append("<h2>Files</h2><ul>" + "".join(
         f'<li><a href="{n}">{n}</a></li>' for n in ("results.csv", "accuracy.csv", "instability.csv",
-                                                    "paper_comparison.csv", "findings.json")) + "</ul>")
+                                                    "paper_comparison.csv", "findings.json", "predictions.csv",
+                                                    *(["contrast.csv"] if a.contrast is not None else []))) + "</ul>")
     parts.append(_SCRIPT + "</body></html>\n")
     return "\n".join(parts)
 
 
 def build_report(runs_dir: str | Path, notebooks_dir: str | Path, out_dir: str | Path = "runs/report",
-                 seed: int = 0, n_boot: int = 4000) -> Path:
-    """Write the report (module docstring) into ``out_dir``; returns the path of ``index.html``."""
+                 seed: int = 0, n_boot: int = 4000, contrast: str | Path | None = "runs/reference/rl") -> Path:
+    """Write the report (module docstring) into ``out_dir``; returns the path of ``index.html``. ``contrast``:
+    the short-answer study's committed results, shown as a contrast when present (not for the short study)."""
     runs_dir, notebooks_dir, out_dir = Path(runs_dir), Path(notebooks_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures.setup()
-    analysis = _analyse(runs_dir, seed, n_boot)
+    contrast_dir = Path(contrast) if contrast is not None and study_of_runs(runs_dir).name != "short" else None
+    analysis = _analyse(runs_dir, seed, n_boot, contrast_dir)
     _write_tables(out_dir, analysis)
     saved = _save_figures(out_dir, analysis)
     page = [_header_html(analysis, runs_dir, notebooks_dir, out_dir, seed, n_boot), _findings_html(analysis.found),
@@ -527,9 +903,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m kl_lib.study.site",
         description="Build the static report (index.html with the sweep's tables and figures, linking the executed "
                     "notebooks) from a finished sweep.",
-        epilog="example: python -m kl_lib.study.site --runs runs/rl --notebooks runs/notebooks --out runs/report "
+        epilog="example: python -m kl_lib.study.site --runs runs/study --notebooks runs/notebooks --out runs/report "
                "(make report)")
-    parser.add_argument("--runs", default="runs/rl", metavar="DIR", help="sweep runs directory (default runs/rl)")
+    parser.add_argument("--runs", default=get_study("long").runs_dir, metavar="DIR",
+                        help=f"the study's runs directory (default {get_study('long').runs_dir}, the long-answer study)")
+    parser.add_argument("--contrast", default="runs/reference/rl", metavar="DIR",
+                        help="the short-answer study's committed results, shown as a contrast (default "
+                             "runs/reference/rl; skipped when missing)")
     parser.add_argument("--notebooks", default="runs/notebooks", metavar="DIR",
                         help="executed notebooks (*.html) to link (default runs/notebooks)")
     parser.add_argument("--out", default="runs/report", metavar="DIR", help="output directory (default runs/report)")
@@ -545,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     try:
-        index = build_report(args.runs, args.notebooks, args.out, seed=args.seed, n_boot=args.n_boot)
+        index = build_report(args.runs, args.notebooks, args.out, seed=args.seed, n_boot=args.n_boot,
+                             contrast=args.contrast)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,7 +60,10 @@ def test_report_files_tables_and_links(report, tiny_runs):
     index, n_runs = report
     out = index.parent
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == n_runs
+    # the tiny runs' names are in configs/sweep.yaml's plan, which they do not complete: the report analyses the
+    # seeds complete in every cell that has runs (seed 0; the lagged cells have no seed 1), and says so
+    assert len(rows) == n_runs - 3 and {r["seed"] for r in rows} == {"0"}
+    assert "NOT THE PRE-REGISTERED ANALYSIS" in index.read_text()
     assert {"label", "seed", "id_test pass@1", "ood_test pass@1", "diverged", "final_kl"} <= set(rows[0])
     assert {r["label"] for r in rows} == {"k1 in reward", "k3 in loss", "no KL"}
     found = json.loads((out / "findings.json").read_text())
@@ -133,8 +136,10 @@ def test_analysis_cut_keeps_complete_seeds_only(tiny_runs):
     assert set(cut.results["run"]) == set(by_seed[0]) and "seeds [0] are complete" in note
     assert set(cut.metrics["run"]) == set(by_seed[0])
     assert all(set(d) <= set(by_seed[0]) for d in cut.scores.values())
-    everything, note = site.analysis_cut(tables, {0: by_seed[0] + ["missing-s0"], 1: planned[1]})
-    assert len(everything.results) == len(res) and note.startswith("PRELIMINARY")
+    # no seed complete for every planned cell: the seeds complete in every cell that has runs (here seed 0, the
+    # lagged cells having no seed 1), labelled as not the pre-registered analysis
+    reduced, note = site.analysis_cut(tables, {0: by_seed[0] + ["missing-s0"], 1: planned[1]})
+    assert set(reduced.results["run"]) == set(by_seed[0]) and note.startswith("NOT THE PRE-REGISTERED ANALYSIS")
     same, note = site.analysis_cut(tables, planned, mode="all")
     assert len(same.results) == len(res) and note.startswith("all")
     with pytest.raises(ValueError, match="'cut'"):

@@ -23,8 +23,10 @@ Per-run outcomes (``run_outcomes``), thresholds fixed in advance:
 * **collapsed**: the W-step mean reward at the end is below ``COLLAPSE_FRACTION`` = ½ of the run's peak W-step
   mean, provided that peak is at least ``COLLAPSE_FLOOR`` = 0.05 (a run that never earned reward cannot
   "collapse" by noise); ``collapse_step`` is the first step of the final stretch below ½ peak;
-* **KL blow-up**: ``kl/analytic`` is non-finite at some step, or its mean over the last W steps exceeds
-  ``KL_BLOWUP_NATS`` = 5 nats per sequence (any run, no-KL runs included; rationale in ``docs/statistics.md``);
+* **KL blow-up**: ``kl/analytic`` is non-finite at some step, or its mean over the last W steps exceeds the
+  study's threshold in nats per sequence (any run, no-KL runs included; rationale in ``docs/statistics.md`` §7):
+  ``KL_BLOWUP_NATS`` = 5 for the short-answer study, 41 for the long-answer one (``kl_lib.study.studies``, passed
+  as ``run_outcomes(..., kl_blowup_nats=...)``);
 * **unstable** = diverged or collapsed; **unstable (incl. KL blow-up)** adds the blow-up.
 
 Hypotheses, strata and tests (on-policy = REINFORCE with RLOO and no lag; lagged = PPO with ``async_lag > 0``).
@@ -77,7 +79,8 @@ __all__ = [
 COLLAPSE_FRACTION = 0.5
 COLLAPSE_FLOOR = 0.05
 KL_BLOWUP_NATS = 5.0
-"""Fixed in advance (``docs/statistics.md``): a policy that puts its mass on answers y pays KL = −log π_ref(y), so
+"""The short-answer study's threshold (the default; the long study's, 41 nats, is in ``kl_lib.study.studies``).
+Fixed in advance (``docs/statistics.md``): a policy that puts its mass on answers y pays KL = −log π_ref(y), so
 KL > 5 nats means answers the reference model gives < e⁻⁵ ≈ 0.7% probability: ≈ 3× the base model's sequence
 entropy (≈ 0.34 nats/token × ≈ 4.6 answer tokens ≈ 1.6 nats) and ≈ 1 nat per answer token."""
 
@@ -364,9 +367,11 @@ def _not_testable_note(rows: pd.DataFrame) -> str:
     bad = rows[(rows["role"] == "primary") & (rows["verdict"] == stats.NOT_TESTABLE)]
     if bad.empty:
         return ""
-    return ("not testable at this scale: the smallest attainable two-sided p-value is "
-            + ", ".join(f"{m:.3g}" for m in bad["min_p"]) + f" ≥ α = {stats.ALPHA} with these run counts "
-            "(or a group has no runs)")
+    parts = [f"{m:.3g}" for m in bad["min_p"] if math.isfinite(m)]
+    if not parts:
+        return "not testable at this scale: a group of the primary comparison has no runs"
+    return ("not testable at this scale: the smallest attainable two-sided p-value is " + ", ".join(parts)
+            + f" ≥ α = {stats.ALPHA} with these run counts" + (" (or a group has no runs)" if len(parts) < len(bad) else ""))
 
 
 def finding_f1(outcomes: pd.DataFrame) -> Finding:
@@ -594,12 +599,17 @@ def _acc(acc: pd.DataFrame, setting: str, label: str, split: str) -> str:
 
 def _unstable(outcomes: pd.DataFrame, mask: pd.Series, label: str, col: str = "unstable_incl_blowup",
               by: str = "beta") -> str:
-    """"<label> unstable in β=0.1: 1/3, β=0.5: 0/3" (or per lag with ``by="async_lag"``)."""
+    """"<label> unstable in β=0.1: 1/3, β=0.5: 0/3" (or per off-policy stratum, lag and minibatch count, with
+    ``by="async_lag"``)."""
     g = outcomes[mask & (outcomes["label"] == label)]
     if g.empty:
         return f"{label}: no runs"
-    name = (lambda k: f"β={k:g}") if by == "beta" else (lambda k: f"lag {k}")
-    return f"{label} unstable in " + ", ".join(f"{name(k)}: {int(sub[col].sum())}/{len(sub)}"
+    if by != "beta":
+        minibatches = g["ppo_minibatches"] if "ppo_minibatches" in g else pd.Series(1, index=g.index)
+        g = g.assign(stratum=[offpolicy_stratum(a, m) for a, m in zip(g["async_lag"], minibatches)])
+        groups = sorted(g.groupby("stratum"), key=lambda kv: _stratum_order(kv[0]))
+        return f"{label} unstable at " + ", ".join(f"lag {k}: {int(sub[col].sum())}/{len(sub)}" for k, sub in groups)
+    return f"{label} unstable in " + ", ".join(f"β={k:g}: {int(sub[col].sum())}/{len(sub)}"
                                                for k, sub in g.groupby(by))
 
 

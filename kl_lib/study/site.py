@@ -56,7 +56,7 @@ from kl_lib.study import findings as fnd
 from kl_lib.study import stats
 from kl_lib.study.figures import plot_training_curves
 from kl_lib.study.studies import Study, get_study, study_of_runs
-from kl_lib.study.tables import SPLITS, RunTables, load_tables
+from kl_lib.study.tables import SPLITS, RunTables, complete_seeds, load_tables, restrict_to_runs
 
 __all__ = ["plot_accuracy", "plot_training", "plot_entropy_vs_forward_kl", "plot_checkpoints",
            "plot_offpolicy_curves", "plot_offpolicy_summary", "build_report", "main"]
@@ -464,17 +464,6 @@ def greedy_table(results: pd.DataFrame, rng: np.random.Generator, n_boot: int = 
         columns={"label": "configuration", "beta": "β"})
 
 
-def restrict_tables(tables: RunTables, runs) -> RunTables:
-    """``tables`` with only the runs named in ``runs`` (results, metrics, scores, checkpoints)."""
-    keep = set(runs)
-    return RunTables(results=tables.results[tables.results["run"].isin(keep)].reset_index(drop=True),
-                     metrics=tables.metrics[tables.metrics["run"].isin(keep)].reset_index(drop=True),
-                     scores={s: {r: v for r, v in d.items() if r in keep} for s, d in tables.scores.items()},
-                     base_scores=tables.base_scores,
-                     checkpoints=tables.checkpoints[tables.checkpoints["run"].isin(keep)].reset_index(drop=True),
-                     runs_dir=tables.runs_dir)
-
-
 def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "cut") -> tuple[RunTables, str]:
     """The tables the analysis reads and a sentence saying which runs those are.
 
@@ -484,7 +473,8 @@ def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "
     """
     if mode not in ("cut", "all"):
         raise ValueError(f"analysis mode {mode!r}: choose 'cut' (seeds complete for every cell) or 'all'")
-    finished = set(tables.results["run"])
+    res = tables.results
+    finished = set(res.loc[res["evaluated"] | res["diverged"], "run"])  # evaluated, or diverged (scored 0)
     in_plan = {r for runs in planned.values() for r in runs}
     counts = ", ".join(f"seed {s}: {sum(r in finished for r in runs)}/{len(runs)}" for s, runs in sorted(planned.items()))
     complete = [s for s, runs in sorted(planned.items()) if all(r in finished for r in runs)]
@@ -492,12 +482,16 @@ def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "
         why = "" if finished & in_plan else " (none of them is a run the study's sweep file plans)"
         return tables, f"all {len(finished)} finished runs are analysed{why}; planned runs finished per seed: {counts}."
     if not complete:
-        return tables, (f"PRELIMINARY: no seed is complete for every planned cell yet (finished/planned per seed: "
-                        f"{counts}); every one of the {len(finished)} finished runs is analysed, which is not the "
-                        "pre-registered analysis (docs/preregistration.md §5): cells have different seeds or none.")
+        present = tables.results[tables.results["run"].isin(in_plan)]
+        seeds = complete_seeds(present)
+        cells = present.groupby(["setting", "label", "beta"]).ngroups
+        return restrict_to_runs(tables, present.loc[present["seed"].isin(seeds), "run"]), (
+            f"NOT THE PRE-REGISTERED ANALYSIS: no seed is complete for every planned cell (finished/planned per seed: "
+            f"{counts}); shown: seed(s) {seeds}, complete for the {cells} cell(s) that have runs (a reduced or "
+            "unfinished study, docs/preregistration.md §5).")
     keep = {r for s in complete for r in planned[s]}
     outside = len(finished - keep)
-    return restrict_tables(tables, keep), (
+    return restrict_to_runs(tables, keep), (
         f"the analysis cut: seeds {complete} are complete for every planned cell ({counts}); their {len(keep)} runs "
         f"are analysed" + (f", {outside} finished run(s) of incomplete seeds or outside the plan are left out." if
                            outside else "."))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ __all__ = [
     "RunTables",
     "checkpoint_table",
     "complete_seeds",
-    "load_analysed_tables",
+    "restrict_to_runs",
     "restrict_to_seeds",
     "load_scores",
     "load_tables",
@@ -192,29 +193,18 @@ def complete_seeds(results: pd.DataFrame) -> list[int]:
     return list(range(k))
 
 
-def restrict_to_seeds(tables: RunTables, seeds: list[int]) -> RunTables:
-    """The same tables with only the runs of ``seeds`` (the base model's scores unchanged)."""
-    keep = tables.results["seed"].isin(seeds)
-    runs = set(tables.results.loc[keep, "run"])
+def restrict_to_runs(tables: RunTables, runs: Iterable[str]) -> RunTables:
+    """The same tables with only the runs named in ``runs`` (the base model's scores unchanged)."""
+    keep = set(runs)
     checkpoints = tables.checkpoints
     if len(checkpoints):
-        checkpoints = checkpoints[checkpoints["run"].isin(runs)].reset_index(drop=True)
-    return RunTables(results=tables.results[keep].reset_index(drop=True),
-                     metrics=tables.metrics[tables.metrics["run"].isin(runs)].reset_index(drop=True),
-                     scores={split: {r: v for r, v in d.items() if r in runs} for split, d in tables.scores.items()},
+        checkpoints = checkpoints[checkpoints["run"].isin(keep)].reset_index(drop=True)
+    return RunTables(results=tables.results[tables.results["run"].isin(keep)].reset_index(drop=True),
+                     metrics=tables.metrics[tables.metrics["run"].isin(keep)].reset_index(drop=True),
+                     scores={split: {r: v for r, v in d.items() if r in keep} for split, d in tables.scores.items()},
                      base_scores=tables.base_scores, checkpoints=checkpoints, runs_dir=tables.runs_dir)
 
 
-def load_analysed_tables(runs_dir: str | Path) -> tuple[RunTables, list[int]]:
-    """``(tables, seeds)``: :func:`load_tables` cut to :func:`complete_seeds`, and those seeds. A clear error when
-    no seed is complete for every cell yet (the study is still training its first seed)."""
-    tables = load_tables(runs_dir)
-    seeds = complete_seeds(tables.results)
-    if not seeds:
-        res = tables.results
-        cells = res.groupby(["setting", "label", "beta"]).ngroups
-        first = res[(res["seed"] == 0) & (res["evaluated"] | res["diverged"])].groupby(
-            ["setting", "label", "beta"]).ngroups
-        raise FileNotFoundError(f"{runs_dir}: no seed is finished and evaluated in every cell yet ({first} of {cells} "
-                                "cells have seed 0); let the study run on (make study) or analyse it later")
-    return restrict_to_seeds(tables, seeds), seeds
+def restrict_to_seeds(tables: RunTables, seeds: Iterable[int]) -> RunTables:
+    """The same tables with only the runs of ``seeds``."""
+    return restrict_to_runs(tables, tables.results.loc[tables.results["seed"].isin(list(seeds)), "run"])

@@ -121,7 +121,7 @@ NB_PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env lock test reproduce report lab clean distclean data base-model sweep study study-base-model bench bench-trl FORCE
+.PHONY: help env lock test reproduce report reference lab clean distclean data base-model sweep study study-base-model bench bench-trl FORCE
 
 help: ## this list
 	@awk '/^## / { sub(/^## /, ""); print; next } /^[a-z][a-z-]*:.*## / { \
@@ -290,6 +290,10 @@ $(NB_PARAMS_STAMP): FORCE
 	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
 
 FORCE:
+
+# The committed reference results: the study's analysable run files and the report's tables and figures.
+reference: $(REPORT)/index.html ## copy the study's finished runs (no weights) and the report into runs/reference/study/
+	$(PY) -m kl_lib.study.reference --runs $(STUDY_RUNS) --report $(REPORT) --out runs/reference/$(if $(IS_SMOKE),smoke-study,study)
 
 # ---------------------------------------------------------------------------------------------------------
 # Interactive use. Kernels started by JupyterLab run in notebooks/; see kl_lib.study.nbrun.chdir_to_repo_root.

@@ -298,3 +298,51 @@ def test_runs_for_rate_power_against_simulation():
     assert abs(hits - exact) <= 3 * se(exact, trials), (hits, exact)
     with pytest.raises(ValueError, match="rate_b"):
         runs_for_rate_power(0.1, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare_cells: two cells side by side (notebook 06)
+
+
+def test_compare_cells_combines_the_bootstrap_interval_and_the_exact_test():
+    rng = np.random.default_rng(11)
+    a = (rng.random((4, 30)) < 0.7).astype(float)
+    b = (rng.random((4, 30)) < 0.3).astype(float)
+    out = stats.compare_cells(a, b, np.random.default_rng(3), n_boot=500)
+    est, lo, hi, _ = stratified_difference([(a, b)], np.random.default_rng(3), n_boot=500)
+    assert (out["difference"], out["low"], out["high"]) == (est, lo, hi)
+    assert out["difference"] == pytest.approx(a.mean() - b.mean())
+    test = permutation_test([(a.mean(1), b.mean(1))])
+    assert out["p_value"] == test["p_value"] and out["min_p"] == pytest.approx(2 / 70)
+    # 4 vs 4 seeds, every a run above every b run: p = 2/70 < α, decided in the direction of the estimate.
+    assert out["ordering"] == "higher" and stats.compare_cells(b, a, rng, n_boot=200)["ordering"] == "lower"
+    # 3 vs 3 seeds can never reach p < α (smallest p = 0.1), however far apart the cells are.
+    three = stats.compare_cells(a[:3], b[:3], rng, n_boot=200)
+    assert three["ordering"] == NOT_TESTABLE and three["min_p"] == pytest.approx(0.1) and three["low"] > 0
+    # Interleaved per-run values: p = 1, not distinguishable; per-run values have no interval.
+    flat = stats.compare_cells([0.1, 0.4, 0.5, 0.8], [0.2, 0.3, 0.6, 0.7], rng)
+    assert flat["ordering"] == "not distinguishable" and flat["p_value"] == pytest.approx(1.0)
+    assert flat["difference"] == pytest.approx(0.0, abs=1e-12) and math.isnan(flat["low"]) and math.isnan(flat["high"])
+    assert set(stats.ORDERINGS) == {"higher", "lower", "not distinguishable", NOT_TESTABLE}
+
+
+def test_compare_cells_decides_an_ordering_under_the_null_at_most_alpha_of_the_time():
+    """300 null pairs of cells (4 vs 4 seeds, per-run values from one normal law): the rate of "higher" or
+    "lower" is within 3 SE of the test's exact size 2/70 ≈ 0.029 ≤ α (p < α only when a's runs are the 4 largest
+    or the 4 smallest of the 8, each with probability 1/70; the next attainable p, 4/70, is above α)."""
+    rng = np.random.default_rng(12)
+    trials = 300
+    decided = sum(stats.compare_cells(rng.normal(0, 1, 4), rng.normal(0, 1, 4), rng)["ordering"] in ("higher", "lower")
+                  for _ in range(trials))
+    size = 2 / 70
+    assert abs(decided / trials - size) <= 3 * se(size, trials), decided / trials
+
+
+def test_compare_cells_rejects_mismatched_cells():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="same problems"):
+        stats.compare_cells(np.zeros((3, 5)), np.zeros((3, 6)), rng)
+    with pytest.raises(ValueError, match="same problems"):
+        stats.compare_cells(np.zeros((3, 5)), np.zeros(3), rng)
+    with pytest.raises(ValueError, match="at least one run"):
+        stats.compare_cells(np.zeros((0, 5)), np.zeros((3, 5)), rng)

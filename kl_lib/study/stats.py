@@ -21,6 +21,9 @@ direction, which is the same as a one-sided test at ``ALPHA / 2`` = 0.025 in eac
 * :func:`seeds_for_power`, :func:`runs_for_rate_power` — seeds per cell for a target power (see
   ``docs/statistics.md`` for the formulae).
 * :func:`verdict` — interval or p-value → "supported", "not supported", "inconclusive at this scale".
+* :func:`compare_cells` — two cells side by side without a claimed direction: mean a − mean b, its hierarchical
+  bootstrap interval (score matrices) and the exact permutation test over seeds, read as "higher", "lower",
+  "not distinguishable" (p ≥ α) or "not testable at this scale" (smallest attainable p ≥ α).
 
 All randomness comes from an explicit ``numpy.random.Generator``.
 """
@@ -38,7 +41,7 @@ __all__ = [
     "ALPHA", "LEVEL", "VERDICTS", "NOT_TESTABLE", "bootstrap_mean_ci", "hierarchical_bootstrap", "interval",
     "stratified_difference", "permutation_test", "min_permutation_p", "fisher_exact_greater",
     "stratified_rate_test", "holm", "t_cdf", "t_quantile", "power_t_test", "seeds_for_power", "rate_test_power",
-    "runs_for_rate_power", "verdict", "direction_verdict",
+    "runs_for_rate_power", "verdict", "direction_verdict", "ORDERINGS", "compare_cells",
 ]
 
 ALPHA = 0.05
@@ -332,3 +335,48 @@ def direction_verdict(difference: float, p_value: float, min_p: float, alpha: fl
     if p_value < alpha:
         return VERDICTS[0] if difference > 0 else VERDICTS[1]
     return VERDICTS[2]
+
+
+ORDERINGS = ("higher", "lower", "not distinguishable", NOT_TESTABLE)
+"""What :func:`compare_cells` says of cell a against cell b."""
+
+
+def compare_cells(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float], rng: np.random.Generator,
+                  n_boot: int = 4_000, alpha: float = ALPHA) -> dict[str, float | str]:
+    """Cell a against cell b, with no direction claimed in advance.
+
+    Args:
+        a, b: either ``(num_seeds, num_problems)`` per-problem scores of each run of the cell (both on the same
+            problems, e.g. pass@1 or greedy correctness per problem), or ``(num_seeds,)`` one value per run
+            (e.g. a run's final entropy).
+        rng: the random generator of the bootstrap.
+
+    Returns:
+        ``difference`` = mean a − mean b; ``low``, ``high``: its 1 − ``alpha`` interval, the hierarchical
+        bootstrap of :func:`stratified_difference` (one stratum) for score matrices, NaN for per-run values (a
+        bootstrap over a handful of seeds alone is not an interval to trust, ``docs/statistics.md`` §3);
+        ``p_value`` and ``min_p`` of the exact :func:`permutation_test` of the per-run values (a matrix's row
+        means); ``ordering``: "higher" / "lower" when p < ``alpha`` (a above / below b), "not testable at this
+        scale" when ``min_p`` ≥ ``alpha`` (fixed by the numbers of seeds), else "not distinguishable".
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.ndim != b.ndim or a.ndim not in (1, 2) or (a.ndim == 2 and a.shape[1] != b.shape[1]):
+        raise ValueError(f"need two (num_seeds,) vectors or two (num_seeds, num_problems) matrices on the same "
+                         f"problems, got shapes {a.shape} and {b.shape}")
+    if a.shape[0] == 0 or b.shape[0] == 0 or (a.ndim == 2 and a.shape[1] == 0):
+        raise ValueError(f"each cell needs at least one run (and one problem), got shapes {a.shape} and {b.shape}")
+    if a.ndim == 2:
+        difference, low, high, _ = stratified_difference([(a, b)], rng, n_boot=n_boot, level=1 - alpha)
+        runs_a, runs_b = a.mean(1), b.mean(1)
+    else:
+        difference, low, high = float(a.mean() - b.mean()), math.nan, math.nan
+        runs_a, runs_b = a, b
+    test = permutation_test([(runs_a, runs_b)], rng)
+    if test["min_p"] >= alpha:
+        ordering = NOT_TESTABLE
+    elif test["p_value"] < alpha:
+        ordering = ORDERINGS[0] if test["difference"] > 0 else ORDERINGS[1]
+    else:
+        ordering = ORDERINGS[2]
+    return {"difference": difference, "low": low, "high": high, "p_value": test["p_value"], "min_p": test["min_p"],
+            "ordering": ordering}

@@ -46,6 +46,24 @@ def test_sample_draws_generates_tokens(tiny, group_size, temperature, seed):
     assert model.training  # sampled in eval mode, as generate does, then restored
 
 
+def test_sample_when_every_row_ends_at_its_first_token(tiny):
+    """A collapsed policy answers with end-of-sequence at once (it happened to k1 in loss off-policy in the
+    long-answer study): sampling must return one-token responses, as generate does, not fail."""
+    _, model_dir = tiny
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[tokenizer.eos_token_id] = 30.0  # EOS with probability 1 − 1e-24 per step
+    model.lm_head = head
+    ids, mask = _batch(tokenizer, 2)
+    kw = {"max_new_tokens": BUDGET, "temperature": 1.0, "seed": 0, "group_size": 2}
+    fast, plain = sample(model, tokenizer, ids, mask, **kw), generate(model, tokenizer, ids, mask, **kw)
+    assert fast.response_ids.shape == (len(ids), 1) and bool((fast.response_ids == tokenizer.eos_token_id).all())
+    assert bool(fast.finished.all()) and torch.equal(fast.response_mask, plain.response_mask)
+
+
 @pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunks", [1, 3, 64])

@@ -252,7 +252,8 @@ def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             out = model(input_ids=y, attention_mask=attention, position_ids=position, use_cache=True, **{kw: cache})
             cache, step_logits = _returned_cache(out), out.logits[:, -1]
             position = position + 1
-        del cache, out
+        del cache  # (and the last step's output, if any step ran: every row may end at its first token)
+        out = None
     model.train(was_training)
     response_ids, logp = tokens[:, :width].clone(), logp[:, :width].clone()  # ordinary tensors again
     mask, finished = response_mask(response_ids, eos)

@@ -5,7 +5,7 @@
 Copies, for every *finished* run under ``--runs``, the files the analysis reads (``config.json``, ``summary.json``,
 ``metrics.jsonl``, ``eval.json``, ``DONE``; no checkpoints or weights: ~170 KB per run instead of ~24 MB), plus
 ``base_eval.json`` and ``sweep.json``, into ``<out>/runs/``; and the report's tables and figures (``*.csv``,
-``*.json``, ``*.png``, ``*.svg`` of ``--report``) into ``<out>/``. ``kl_lib.study.tables.load_tables`` reads
+``*.json``, ``*.png`` of ``--report``) into ``<out>/``. ``kl_lib.study.tables.load_tables`` reads
 ``<out>/runs`` like the original directory, so the notebooks and the report can be rerun on the committed results
 (``-p runs_dir runs/reference/study/runs``). The copy is built in a temporary directory next to ``<out>`` and
 renamed into place, so an interrupted export leaves the previous reference intact.
@@ -26,7 +26,7 @@ __all__ = ["RUN_FILES", "export_reference", "main"]
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "eval.json", "DONE")
 """What the analysis reads from a run directory."""
 
-REPORT_SUFFIXES = (".csv", ".json", ".png", ".svg")
+REPORT_SUFFIXES = (".csv", ".json", ".png")  # PNG figures; the SVG copies stay in the report
 
 
 def export_reference(runs_dir: str | Path, out_dir: str | Path, report_dir: str | Path | None = None) -> list[str]:

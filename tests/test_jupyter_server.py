@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # Notebooks that read what make builds: (command named in the error, code cell index where they stop).
-STOPS = {"03_rl_finetuning.ipynb": "make base-model", "04_evaluation.ipynb": "make sweep",
-         "05_off_policy.ipynb": "make sweep"}
+STOPS = {"03_rl_finetuning.ipynb": "make study-base-model", "04_evaluation.ipynb": "make study",
+         "05_off_policy.ipynb": "make study"}
 # Code cells run of the others: imports, parameters and the first working cell, except 06, whose third cell
 # loads a model from the hub (no network in tests).
 FIRST_CELLS = {"06_real_model.ipynb": 2}

@@ -160,4 +160,4 @@ def test_study_notebook_runs_on_a_partial_study(stem: str, tmp_path: Path) -> No
     executed = nbformat.read(tmp_path / "out" / f"{stem}.ipynb", as_version=4)
     text = "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/markdown", ""))
                    for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    assert "PRELIMINARY: no seed is complete" in text  # the full design's cut, not met by a partial study
+    assert "NOT THE PRE-REGISTERED ANALYSIS: no seed is complete" in text  # the full design's cut, not met

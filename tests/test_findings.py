@@ -354,12 +354,12 @@ def test_all_findings_paper_comparison_and_serialisation():
 
 
 def test_the_analysis_cut_keeps_the_seeds_complete_in_every_cell():
-    from kl_lib.study.tables import complete_seeds, restrict_to_seeds
+    from kl_lib.study.tables import complete_seeds, restrict_to_runs
 
     specs = on_policy(seeds=(0, 1)) + [run_spec("k1 in reward", 0.1, 2), run_spec("k3 in loss", 0.5, 2)]
     tables = make_tables(specs)
     assert complete_seeds(tables.results) == [0, 1]  # seed 2 has started in two cells only
-    cut = restrict_to_seeds(tables, [0, 1])
+    cut = restrict_to_runs(tables, tables.results.loc[tables.results["seed"].isin([0, 1]), "run"])
     assert set(cut.results["seed"]) == {0, 1} and len(cut.results) == 2 * len(ON_LABELS)
     assert set(cut.metrics["run"]) == set(cut.results["run"]) == set(cut.scores["id_test"])
     # a run that finished training but is not evaluated yet does not complete its seed

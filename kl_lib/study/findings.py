@@ -119,9 +119,9 @@ def offpolicy_stratum(async_lag: int, ppo_minibatches: int = 1) -> int | str:
     return int(async_lag) if ppo_minibatches == 1 else f"{int(async_lag)}, {int(ppo_minibatches)} minibatches"
 
 
-def _stratum_order(stratum: int | str) -> tuple[int, int]:
-    lag, _, rest = str(stratum).partition(", ")
-    return (int(lag), int(rest.split()[0]) if rest else 1)
+def _strata(df: pd.DataFrame) -> list[int | str]:
+    """The off-policy strata present in ``df`` (a :func:`run_outcomes` frame), ordered by lag, then minibatches."""
+    return list(dict.fromkeys(df.sort_values(["async_lag", "ppo_minibatches"])["offpolicy_stratum"]))
 
 
 def sort_configs(df: pd.DataFrame) -> pd.DataFrame:
@@ -161,6 +161,7 @@ def run_outcomes(tables: RunTables, kl_blowup_nats: float = KL_BLOWUP_NATS) -> p
         rows.append({
             "run": run, **{c: r[c] for c in ("setting", "label", "beta", "seed", "async_lag", "policy_loss", "steps")},
             "ppo_minibatches": int(r.get("ppo_minibatches", 1)),
+            "offpolicy_stratum": offpolicy_stratum(r["async_lag"], int(r.get("ppo_minibatches", 1))),
             "status": r["status"], "steps_completed": len(m), "window": w, "diverged": bool(r["diverged"]),
             "collapsed": collapsed,
             "collapse_step": int(m["step"].iloc[above[-1] + 1]) if collapsed else None,
@@ -511,10 +512,9 @@ def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generat
     """F3: lagged (off-policy) runs are stabilised by a KL term (strata: lag, and the PPO minibatch count when it
     is more than one: :func:`offpolicy_stratum`)."""
     lagged = outcomes[(outcomes["policy_loss"] == "ppo") & (outcomes["async_lag"] > 0)]
-    minibatches = lagged["ppo_minibatches"] if "ppo_minibatches" in lagged else pd.Series(1, index=lagged.index)
-    lagged = lagged.assign(stratum=[offpolicy_stratum(a, m) for a, m in zip(lagged["async_lag"], minibatches)])
+    lags = _strata(lagged)
+    lagged = lagged.rename(columns={"offpolicy_stratum": "stratum"})
     with_kl, no_kl = lagged[lagged["label"].isin(OFFPOLICY_KL)], lagged[lagged["label"] == NO_KL]
-    lags = sorted(lagged["stratum"].unique(), key=_stratum_order)
     rates = [_rate_row("with KL (k1 in reward, k3 in loss, k3 in loss token IS)", with_kl, "unstable"),
              _rate_row("no KL", no_kl, "unstable")]
     rates += [_rate_row(f"lag {lag}: {label}", g, "unstable") for (lag, label), g in lagged.groupby(["stratum", "label"])]
@@ -605,10 +605,9 @@ def _unstable(outcomes: pd.DataFrame, mask: pd.Series, label: str, col: str = "u
     if g.empty:
         return f"{label}: no runs"
     if by != "beta":
-        minibatches = g["ppo_minibatches"] if "ppo_minibatches" in g else pd.Series(1, index=g.index)
-        g = g.assign(stratum=[offpolicy_stratum(a, m) for a, m in zip(g["async_lag"], minibatches)])
-        groups = sorted(g.groupby("stratum"), key=lambda kv: _stratum_order(kv[0]))
-        return f"{label} unstable at " + ", ".join(f"lag {k}: {int(sub[col].sum())}/{len(sub)}" for k, sub in groups)
+        return f"{label} unstable at " + ", ".join(
+            f"lag {k}: {int(sub[col].sum())}/{len(sub)}" for k in _strata(g)
+            for sub in [g[g["offpolicy_stratum"] == k]])
     return f"{label} unstable in " + ", ".join(f"β={k:g}: {int(sub[col].sum())}/{len(sub)}"
                                                for k, sub in g.groupby(by))
 

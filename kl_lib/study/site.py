@@ -595,9 +595,9 @@ def offpolicy_runs(tables: RunTables, outcomes: pd.DataFrame) -> pd.DataFrame:
     per_run = m.groupby("run")[["log_ratio", "clip_fraction"]].mean()
     per_run["staleness"] = -per_run.pop("log_ratio")
     keep = ["run", "setting", "label", "beta", "seed", "async_lag", "ppo_minibatches", "diverged", "collapsed",
-            "unstable", "final_reward", "peak_reward"]
+            "unstable", "final_reward", "peak_reward", "offpolicy_stratum"]
     out = outcomes.loc[outcomes["run"].isin(per_run.index), keep].merge(per_run.reset_index(), on="run")
-    out.insert(1, "stratum", [str(fnd.offpolicy_stratum(a, b)) for a, b in zip(out["async_lag"], out["ppo_minibatches"])])
+    out.insert(1, "stratum", out.pop("offpolicy_stratum").astype(str))
     return fnd.sort_configs(out)
 
 

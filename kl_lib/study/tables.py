@@ -45,7 +45,6 @@ __all__ = [
     "checkpoint_table",
     "complete_seeds",
     "restrict_to_runs",
-    "restrict_to_seeds",
     "load_scores",
     "load_tables",
     "results_table",
@@ -203,8 +202,3 @@ def restrict_to_runs(tables: RunTables, runs: Iterable[str]) -> RunTables:
                      metrics=tables.metrics[tables.metrics["run"].isin(keep)].reset_index(drop=True),
                      scores={split: {r: v for r, v in d.items() if r in keep} for split, d in tables.scores.items()},
                      base_scores=tables.base_scores, checkpoints=checkpoints, runs_dir=tables.runs_dir)
-
-
-def restrict_to_seeds(tables: RunTables, seeds: Iterable[int]) -> RunTables:
-    """The same tables with only the runs of ``seeds``."""
-    return restrict_to_runs(tables, tables.results.loc[tables.results["seed"].isin(list(seeds)), "run"])

@@ -235,8 +235,9 @@ $(SWEEP_STAMP): configs/sweep.yaml $(BASE_MODEL)/DONE $(KL_LIB_SRC)
 
 # The long-answer study (issue 11; design fixed in docs/preregistration.md): worked column arithmetic, ~41-token
 # answers, the paper's β grid, 250 steps. `make study` runs the whole pre-registered design (93 runs, about 2½ h on
-# 2 idle cores); `make reproduce` runs its reduced version (seed 0, β ∈ {0.1, 1} and no KL, both off-policy strata:
-# 21 of the 93 runs, same names and configs, so `make study` later only adds the rest). Both skip finished runs.
+# 2 idle cores); `make reproduce` runs its reduced version (seed 0: no KL and the five KL configurations at β = 1
+# on-policy, and the 4-minibatch off-policy stratum, where the study's off-policy instabilities were: 11 of the 93
+# runs, ~18 min; same names and configs, so `make study` later only adds the rest). Both skip finished runs.
 ifneq ($(IS_SMOKE),)
 STUDY_BASE := data/models/worked-base-smoke
 STUDY_RUNS := runs/smoke/study
@@ -246,7 +247,7 @@ else
 STUDY_BASE := data/models/worked-base
 STUDY_RUNS := runs/study
 STUDY_ARGS :=
-STUDY_REDUCED := --seeds 0 --betas 0,0.1,1
+STUDY_REDUCED := --seeds 0 --runs 'nokl-s0,*-b1-s0,*-mb4-s0'
 endif
 
 study-base-model: $(STUDY_BASE)/DONE ## the long-answer study's SFT base model (data/models/worked-base, ~1 min)

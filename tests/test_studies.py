@@ -4,6 +4,7 @@ sample of the test problems and the base-model response statistics its blow-up t
 import io
 import json
 import math
+import shlex
 from contextlib import redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
@@ -101,17 +102,31 @@ def test_response_statistics_of_a_uniform_model(tmp_path):
     assert 1 <= stats["median_length"] <= 10 and 0 <= stats["finished_fraction"] <= 1
 
 
+def _makefile_reduced_study_flags() -> list[str]:
+    """The flags `make reproduce` gives the sweep for the reduced study (STUDY_REDUCED in the Makefile)."""
+    line = next(l for l in Path("Makefile").read_text().splitlines() if l.startswith("STUDY_REDUCED := --"))
+    return shlex.split(line.split(":=", 1)[1])
+
+
 def test_the_reduced_study_is_a_subset_of_the_design_with_the_same_digests(capsys):
-    """make reproduce's reduced study (--seeds 0 --betas 0,0.1,1): 21 of the 93 runs, each with the full design's
-    name and digest, so make study later only adds the rest."""
+    """make reproduce's reduced study (the Makefile's STUDY_REDUCED): 11 of the 93 runs (seed 0: β = 1 and no KL
+    on-policy, the 4-minibatch off-policy stratum), each with the full design's name and digest, so make study
+    later only adds the rest."""
     assert sweep_main(["configs/study.yaml", "--dry-run"]) == 0
     full = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
-    assert sweep_main(["configs/study.yaml", "--dry-run", "--seeds", "0", "--betas", "0,0.1,1"]) == 0
+    assert sweep_main(["configs/study.yaml", "--dry-run", *_makefile_reduced_study_flags()]) == 0
     reduced = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
-    assert len(reduced) == 21 and all(full[name] == digest for name, digest in reduced.items())
-    assert sum("lag10" in n for n in reduced) == 10 and "nokl-s0" in reduced
+    assert len(reduced) == 11 and all(full[name] == digest for name, digest in reduced.items())
+    assert sum("lag10-ppo-mb4" in n for n in reduced) == 5 and "nokl-s0" in reduced
+    assert sorted(n for n in reduced if "lag" not in n and n != "nokl-s0") == sorted(
+        f"{c}-b1-s0" for c in ("k1-reward", "k3-reward", "k1-loss", "k3-loss", "k3-both"))
     assert sweep_main(["configs/study.yaml", "--dry-run", "--seeds", "9"]) == 2
-    assert "no runs with these --seeds/--betas" in capsys.readouterr().err
+    assert "no runs with these --seeds/--betas/--runs" in capsys.readouterr().err
+    assert sweep_main(["configs/study.yaml", "--dry-run", "--runs", "nokl-s0,k9-*"]) == 2
+    assert "--runs pattern 'k9-*' matches no run of the sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep_main(["configs/study.yaml", "--dry-run", "--runs", ","])
+    assert "holds no run-name pattern" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep_main(["configs/study.yaml", "--dry-run", "--betas", "one"])
     assert "not a comma-separated list of float numbers" in capsys.readouterr().err

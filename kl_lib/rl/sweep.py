@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import fnmatch
 import json
 import multiprocessing as mp
 import os
@@ -59,7 +60,7 @@ from kl_lib.rl.config import (
 from kl_lib.rl.runlock import RunLockedError
 from kl_lib.rl.train import resolve_device, train
 
-__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep"]
+__all__ = ["ensure_smoke_sweep", "eval_settings", "expand_sweep", "run_sweep", "select_runs"]
 
 
 
@@ -214,6 +215,26 @@ def _number_list(kind: type) -> Any:
     return parse
 
 
+def _pattern_list(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of shell patterns (``fnmatch``) over run names."""
+    patterns = [x.strip() for x in text.split(",") if x.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no run-name pattern, e.g. 'nokl-*,*-b1-s*'")
+    return patterns
+
+
+def select_runs(configs: list[RLConfig], seeds: list[int] | None = None, betas: list[float] | None = None,
+                patterns: list[str] | None = None) -> list[RLConfig]:
+    """The runs of ``configs`` with one of ``seeds``, one of ``betas`` and a name matching one of ``patterns``
+    (each ``None`` = no restriction), in their order. A pattern that matches no run of ``configs`` raises
+    ``ValueError`` naming it: a mistyped pattern would otherwise drop runs without a word."""
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(c.run_name(), pattern) for c in configs):
+            raise ValueError(f"--runs pattern {pattern!r} matches no run of the sweep; list the names with --dry-run")
+    return [c for c in configs if (seeds is None or c.seed in seeds) and (betas is None or c.kl.beta in betas)
+            and (patterns is None or any(fnmatch.fnmatchcase(c.run_name(), p) for p in patterns))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's command line; its help lists every config field (``kl_lib.rl.config.fields_help``)."""
     parser = argparse.ArgumentParser(
@@ -236,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "names and digests, so the rest can be added later)")
     parser.add_argument("--betas", type=_number_list(float), metavar="B[,B...]",
                         help="only the runs with these β, e.g. 0,0.1,1 (0 = the no-KL control)")
+    parser.add_argument("--runs", type=_pattern_list, metavar="GLOB[,GLOB...]",
+                        help="only the runs whose name matches one of these shell patterns, e.g. 'nokl-*,*-b1-s*' "
+                             "(a pattern that matches no run of the design is an error)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--move-aside", action="store_true",
                         help="a run directory holding a run of another config is renamed to <name>.old-<time> and "
@@ -250,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep_spec(args.sweep)
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)
         settings = eval_settings(spec, smoke=args.smoke)
-        configs = [c for c in configs if (args.seeds is None or c.seed in args.seeds)
-                   and (args.betas is None or c.kl.beta in args.betas)]
+        configs = select_runs(configs, args.seeds, args.betas, args.runs)
         if args.order == "seed":
             seeds = sorted({c.seed for c in configs})
             configs = sorted(configs, key=lambda c: seeds.index(c.seed))  # stable: the file's order within a seed
@@ -259,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not configs:
-        print("error: the sweep defines no runs" + (" with these --seeds/--betas" if args.seeds or args.betas else ""),
+        print("error: the sweep defines no runs" + (" with these --seeds/--betas/--runs" if args.seeds or args.betas or args.runs else ""),
               file=sys.stderr)
         return 2
     runs_dirs = sorted({c.runs_dir for c in configs})

@@ -121,7 +121,7 @@ NB_PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env lock test reproduce report reference lab clean distclean data base-model sweep study study-base-model bench bench-trl FORCE
+.PHONY: help env lock test reproduce report reference lab clean distclean data base-model sweep study study-base-model bench bench-trl bench-trl-study FORCE
 
 help: ## this list
 	@awk '/^## / { sub(/^## /, ""); print; next } /^[a-z][a-z-]*:.*## / { \
@@ -273,6 +273,11 @@ bench: $(ENV_FILE) | env ## benchmarks of the exact computations and memory (run
 bench-trl: $(ENV_FILE) | env ## install the bench extra (trl) and time our trainer against TRL's GRPOTrainer
 	$(PY) -m pip install $(PIP_INSTALL_ARGS) -c $(LOCK) -e ".[bench]"
 	$(PY) benchmarks/bench_trl.py
+
+bench-trl-study: $(ENV_FILE) data/models/worked-base/DONE | env ## the same on the long-answer study's workload
+	$(PY) -m pip install $(PIP_INSTALL_ARGS) -c $(LOCK) -e ".[bench]"
+	$(PY) benchmarks/bench_trl.py --task worked_arithmetic --model data/models/worked-base --prompts 8 \
+		--group-size 5 --max-new-tokens 72 --out runs/benchmarks/trl_study.json
 
 # ---------------------------------------------------------------------------------------------------------
 # Notebooks. Kernel cwd = repository root; each notebook gets smoke and output_dir=$(NB_OUT)/<stem>.

@@ -1,15 +1,19 @@
 """Steps per second of our trainer (``kl_lib.rl.train.train``) against TRL's ``GRPOTrainer`` on the same work.
 
     python benchmarks/bench_trl.py [--steps 10] [--warmup 2] [--repeats 3] [--prompts 64] [--group-size 4]
-        [--max-new-tokens 4] [--model random|PATH] [--threads 1] [--profile] [--trl-defaults]
-        [--out runs/benchmarks/trl.json]
+        [--max-new-tokens 4] [--task arithmetic|worked_arithmetic] [--model random|PATH] [--threads 1]
+        [--profile] [--trl-defaults] [--out runs/benchmarks/trl.json]
+
+    # the long-answer study's workload (make bench-trl-study): its base model, 8 prompts × 5 samples, ≤ 72 tokens
+    python benchmarks/bench_trl.py --task worked_arithmetic --model data/models/worked-base --prompts 8 \
+        --group-size 5 --max-new-tokens 72 --out runs/benchmarks/trl_study.json
 
 needs the ``bench`` extra (``pip install -e .[bench]``, i.e. ``trl==1.16.0``).
 
 **What is compared.** Both trainers start from the same model directory, sample ``--group-size`` completions of
-at most ``--max-new-tokens`` tokens for each of ``--prompts`` prompts of the arithmetic ``rl_train`` split
-(chat-formatted with ``kl_lib.lm.models.format_prompt``; same token ids on both sides), score them with
-``kl_lib.tasks.arithmetic.reward`` and take one AdamW step per batch with a frozen-copy reference and the k3
+at most ``--max-new-tokens`` tokens for each of ``--prompts`` prompts of the ``rl_train`` split of ``--task``
+(seed 0, the split the studies train on; chat-formatted with ``kl_lib.lm.models.format_prompt``; same token ids
+on both sides), score them with the task's ``reward`` and take one AdamW step per batch with a frozen-copy reference and the k3
 estimator in the loss, β = 0.04. Settings that make the objectives the same:
 
     ours: advantage="grpo", policy_loss="reinforce", aggregation="token_mean", kl=KLConfig("k3", "loss", 0.04)
@@ -89,7 +93,10 @@ from kl_lib.lm.models import (
 )
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.rollout import generate, response_mask, token_logprobs
-from kl_lib.tasks.arithmetic import generate_split, load_split, reward, write_splits
+from kl_lib.tasks import arithmetic, worked_arithmetic
+
+# The tasks a benchmark can run on: modules with the same generate_split / write_splits / load_split / reward API.
+TASKS = {"arithmetic": arithmetic, "worked_arithmetic": worked_arithmetic}
 
 BETA = 0.04
 LR = 1e-4
@@ -108,7 +115,7 @@ def ours_config(args: argparse.Namespace, model_dir: str, data_dir: str, runs_di
         temperature=1.0, advantage="grpo", policy_loss="reinforce", aggregation="token_mean",
         kl=KLConfig("k3", "loss", beta=BETA), finetune="full", lr=LR, weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM, checkpoint_every=10**9, device="cpu", dtype="float32",
-        runs_dir=runs_dir, name=name)
+        runs_dir=runs_dir, name=name, task=args.task)
 
 
 def run_ours(args: argparse.Namespace, model_dir: str, data_dir: str, runs_dir: str, name: str) -> dict[str, Any]:
@@ -143,7 +150,8 @@ def trl_trainer(args: argparse.Namespace, model_dir: str, data_dir: str, out_dir
     tokenizer = load_tokenizer(model_dir)
     eos = tokenizer.eos_token_id
     reward_means = [] if reward_means is None else reward_means  # mean reward of each batch, filled by TRL
-    problems = load_split(Path(data_dir) / "rl_train.jsonl")
+    task = TASKS[args.task]
+    problems = task.load_split(Path(data_dir) / "rl_train.jsonl")
     # Already chat-formatted strings: TRL tokenizes them as they are (no special tokens added for this
     # tokenizer), giving the token ids our trainer gets from format_prompt.
     dataset = datasets.Dataset.from_list([{"prompt": format_prompt(tokenizer, p.prompt), "answer": p.answer}
@@ -151,7 +159,7 @@ def trl_trainer(args: argparse.Namespace, model_dir: str, data_dir: str, out_dir
 
     def arithmetic_reward(prompts, completions, completion_ids, answer, **_):
         # TRL cuts each completion after its first EOS, so it finished iff its last token is EOS.
-        rewards = [reward(text, ans, bool(ids) and ids[-1] == eos)
+        rewards = [task.reward(text, ans, bool(ids) and ids[-1] == eos)
                    for text, ids, ans in zip(completions, completion_ids, answer)]
         reward_means.append(statistics.fmean(rewards))
         return rewards
@@ -237,7 +245,8 @@ def logprob_agreement(args: argparse.Namespace, model_dir: str, data_dir: str, o
     position ids would matter for a model without rotary embeddings.
     """
     tokenizer = load_tokenizer(model_dir)
-    problems = generate_split("sft", seed=1, size=24) + load_split(Path(data_dir) / "rl_train.jsonl")[:8]
+    task = TASKS[args.task]
+    problems = task.generate_split("sft", seed=1, size=24) + task.load_split(Path(data_dir) / "rl_train.jsonl")[:8]
     enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
                     add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P) left-padded
@@ -333,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=64, help="distinct prompts per step")
     parser.add_argument("--group-size", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=4, help="completion budget")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                        help="prompts (rl_train split, seed 0) and reward; worked_arithmetic is the long-answer study's")
     parser.add_argument("--model", default="random",
                         help="'random' (a tiny untrained Llama) or a model directory, e.g. data/models/tiny-base")
     parser.add_argument("--hidden-size", type=int, default=128, help="--model random only")
@@ -357,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         tmp = Path(tmp)
         data_dir = str(tmp / "data")
-        write_splits(data_dir, seed=0, sizes={"sft": 1})  # only rl_train is used
+        TASKS[args.task].write_splits(data_dir, seed=0, sizes={"sft": 1})  # only rl_train is used (seed 0: the study's)
         if args.model == "random":
             model_dir = str(save_untrained_model(tmp / "model", seed=0, hidden_size=args.hidden_size,
                                                  num_layers=args.num_layers))
         else:
             model_dir = args.model
             if not Path(model_dir).exists():
-                parser.error(f"model directory {model_dir} does not exist (build it with `make base-model`)")
+                parser.error(f"model directory {model_dir} does not exist (build it with `make base-model` or `make study-base-model`)")
         n_params = sum(p.numel() for p in load_model(model_dir).parameters())
 
         print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}; model {args.model} "

@@ -1,5 +1,6 @@
 r"""Answer extraction and equivalence: MATH's conventions case by case, and never raising on arbitrary text."""
 
+import sys
 import time
 
 import pytest
@@ -254,3 +255,33 @@ def test_long_adversarial_responses_are_fast(pathological):
     is_equivalent(pathological, pathological + "1")
     extract_choice(pathological)
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_deadline_that_fires_inside_a_finaliser_still_stops_the_computation_and_reports_nothing():
+    """The deadline's raise can land in a ``__del__`` (or a garbage-collector callback) running inside the
+    computation, where Python cannot propagate it and passes it to ``sys.unraisablehook``; the timer fires again
+    and stops the computation, and the lost raise is not reported (pytest would count the report as an error)."""
+    from kl_lib.tasks.answers import _within_deadline
+
+    class SlowFinaliser:
+        def __del__(self):  # runs as soon as the object is dropped, and is still running at the deadline
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                pass
+
+    def compute():
+        SlowFinaliser()
+        while True:
+            pass
+
+    reports, earlier = [], sys.unraisablehook
+    sys.unraisablehook = reports.append
+    try:
+        start = time.monotonic()
+        assert _within_deadline(compute, 0.1) is False
+        elapsed = time.monotonic() - start
+        assert sys.unraisablehook == reports.append  # the caller's hook is back
+    finally:
+        sys.unraisablehook = earlier
+    assert reports == []
+    assert elapsed < 1.5  # stopped by a later firing, not by the finaliser running out (2 s)

@@ -81,11 +81,6 @@ def _check_all(text):
         _timed(fn, text, SYMBOLIC_BOUND_S)
 
 
-# The deadline's raise can land in the garbage-collector callback hypothesis installs, where Python only reports it
-# (the timer fires again, see answers._within_deadline); that report is not a failure.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function gc_cumulative_time:pytest.PytestUnraisableExceptionWarning")
-
 # ----- adversarial text ----------------------------------------------------------------------------------------
 
 _DIGITS = "0123456789٠١٢٣٤٥٦٧٨٩۰۱۲۳४५६０１２３𝟘𝟙𝟚"  # ASCII, Arabic-Indic, extended, Devanagari, fullwidth, math

@@ -454,15 +454,23 @@ _RETRY_SECONDS = 0.05  # after the deadline the timer fires again at this interv
 def _within_deadline(compute: Callable[[], bool], seconds: float) -> bool:
     """``compute()`` (a Python function) in the main thread, stopped by ``SIGALRM`` after ``seconds``: False if
     stopped or if it raises. The timer keeps firing every ``_RETRY_SECONDS`` until ``compute`` has returned, since
-    one raise can be lost (an exception inside a garbage-collector callback is only printed), and it raises only
-    while ``compute`` is on the stack, so that the clean-up here cannot be interrupted. An interval timer the
-    caller had armed is re-armed afterwards with what was left of it."""
+    one raise can be lost (an exception inside a garbage-collector callback or a ``__del__`` is only reported, to
+    ``sys.unraisablehook``: such a lost ``_OutOfTime`` is dropped here instead of reported, since the next firing
+    stops ``compute``), and it raises only while ``compute`` is on the stack, so that the clean-up here cannot be
+    interrupted. An interval timer the caller had armed is re-armed afterwards with what was left of it."""
     def stop(signum, frame):
         while frame is not None:
             if frame.f_code is compute.__code__:
                 raise _OutOfTime
             frame = frame.f_back
 
+    earlier_hook = sys.unraisablehook
+
+    def drop_lost_stop(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, _OutOfTime):
+            earlier_hook(unraisable)
+
+    sys.unraisablehook = drop_lost_stop
     earlier_handler = signal.signal(signal.SIGALRM, stop)
     earlier_delay, earlier_interval = signal.setitimer(signal.ITIMER_REAL, seconds, _RETRY_SECONDS)
     start = time.monotonic()
@@ -473,6 +481,7 @@ def _within_deadline(compute: Callable[[], bool], seconds: float) -> bool:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL if earlier_handler is None else earlier_handler)
+        sys.unraisablehook = earlier_hook
         if earlier_delay > 0:
             left = max(earlier_delay - (time.monotonic() - start), 1e-3)
             signal.setitimer(signal.ITIMER_REAL, left, earlier_interval)

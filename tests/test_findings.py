@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from kl_lib.study import findings as fnd
+from kl_lib.study import stats
 from kl_lib.study.tables import RunTables
 
 P = 60  # problems per split
@@ -371,3 +372,18 @@ def test_the_analysis_cut_keeps_the_seeds_complete_in_every_cell():
     results.loc[results["seed"] == 1, "diverged"] = True
     assert complete_seeds(results) == [0, 1]
     assert complete_seeds(results[~((results["seed"] == 0) & (results["label"] == "no KL"))]) == []
+
+
+def test_f2_with_four_betas_and_three_seeds_uses_a_monte_carlo_permutation_test():
+    """The long study's F2 design: 4 β strata, 3 seeds per cell, two unbiased cells against k3 in loss (84⁴ ≈ 5·10⁷
+    arrangements, above stats.MAX_ENUMERATION): the primary test runs (Monte Carlo, as docs/statistics.md says) and
+    finds a clear effect with the smallest p-value a Monte Carlo test can give."""
+    betas = (0.05, 0.1, 0.3, 1.0)
+    acc = {"k1 in reward": (0.8, 0.6), "k3 in reward+loss": (0.8, 0.6), "k3 in loss": (0.4, 0.2)}
+    specs = [run_spec(label, beta, seed, acc=acc[label]) for label in acc for beta in betas for seed in (0, 1, 2)]
+    f = fnd.finding_f2(make_tables(specs), np.random.default_rng(0), n_boot=200)
+    assert f.verdict == "supported"
+    # no random arrangement reaches the observed difference (exactly, only it does: p = 2 / 84⁴), so the Monte
+    # Carlo p-value, which counts the observed arrangement as one of the sample, is 2 / (N + 1)
+    assert f.numbers["ID_p_value"] == pytest.approx(2 / (stats.N_PERMUTATIONS + 1))
+    assert f.numbers["ID_min_p"] == pytest.approx(2 / 84 ** 4)

@@ -420,13 +420,15 @@ def _runs(df: pd.DataFrame, mask) -> list[str]:
 
 
 def _contrast(comparison: str, stratum: Any, role: str, strata: list[tuple[list[str], str]], cells: dict[str, list[str]],
-              est: dict[str, float], reps: dict[str, np.ndarray], values: dict[str, float]) -> dict[str, Any]:
+              est: dict[str, float], reps: dict[str, np.ndarray], values: dict[str, float],
+              perm_rng: np.random.Generator) -> dict[str, Any]:
     """Fixed-weight contrast Σ_s w_s (mean over the a cells of s − the b cell of s), w_s = 1 / #strata.
 
     ``strata``: per stratum, the a-side cell keys (averaged with equal weights) and the b-side cell key; cells
     without runs are left out (a stratum without both sides is dropped). The estimate and its interval come from
-    each cell's bootstrap replicates ``reps`` (cells resampled within themselves); the p-value from the exact
-    stratified permutation test of the per-run ``values`` (a runs vs b runs within each stratum).
+    each cell's bootstrap replicates ``reps`` (cells resampled within themselves); the p-value from the stratified
+    permutation test of the per-run ``values`` (a runs vs b runs within each stratum): exact, or Monte Carlo with
+    ``perm_rng`` above ``stats.MAX_ENUMERATION`` arrangements (four β strata of 6 + 3 runs: 84⁴ ≈ 5·10⁷).
     """
     strata = [([k for k in a if k in reps], b) for a, b in strata]
     strata = [(a, b) for a, b in strata if a and b in reps]
@@ -439,7 +441,7 @@ def _contrast(comparison: str, stratum: Any, role: str, strata: list[tuple[list[
     d_reps = sum(w * (np.mean([reps[k] for k in a], axis=0) - reps[b]) for a, b in strata)
     low, high = stats.interval(d_reps)
     test = stats.permutation_test([([values[r] for k in a for r in cells[k]], [values[r] for r in cells[b]])
-                                   for a, b in strata])
+                                   for a, b in strata], perm_rng)
     return {**row, "difference": float(d), "low": low, "high": high, "p_value": test["p_value"],
             "min_p": test["min_p"]}
 
@@ -462,12 +464,13 @@ def finding_f2(tables: RunTables, rng: np.random.Generator, n_boot: int = 4000) 
     cells = {f"{label}@{b}": _runs(on, (on["beta"] == b) & (on["label"] == label)) for label in labels for b in betas}
     cells = {k: v for k, v in cells.items() if v}
     rows = []
+    perm_rng = rng.spawn(1)[0]  # Monte Carlo permutations, if any, without shifting the bootstrap's stream
     for split in SPLITS:
         est, reps, values, split_cells = _accuracy_replicates(tables, split, cells, rng, n_boot)
 
         def row(comparison, stratum, role, a_labels, bs, split=split):
             strata = [([f"{label}@{b}" for label in a_labels], f"{K3_LOSS}@{b}") for b in bs]
-            r = _contrast(comparison, stratum, role, strata, split_cells, est, reps, values)
+            r = _contrast(comparison, stratum, role, strata, split_cells, est, reps, values, perm_rng)
             return {**r, "split": SPLIT_NAMES[split]}
 
         rows.append(row("unbiased − k3 in loss", "all", "primary", UNBIASED, betas))
@@ -488,7 +491,8 @@ def finding_f2(tables: RunTables, rng: np.random.Generator, n_boot: int = 4000) 
         hypothesis="Unbiased configurations (k1 in reward, k3 in reward+loss) reach higher pass@1 than k3 in "
                    "loss, both in domain (ID) and out of domain (OOD) (on-policy).",
         test="Per β, Δ_β = mean pass@1 of the unbiased cells (equal weights) − k3 in loss; Δ = equal-weight mean "
-             "of Δ_β over β. Primary, for ID and for OOD: exact permutation test over seeds within β strata, "
+             "of Δ_β over β. Primary, for ID and for OOD: permutation test over seeds within β strata (exact up "
+             f"to {stats.MAX_ENUMERATION:,} arrangements, else {stats.N_PERMUTATIONS:,} random ones), "
              f"two-sided α = {stats.ALPHA}; supported if both are significant and positive, not supported if "
              "either is significant and negative. 95% interval: hierarchical bootstrap (seeds within each cell, "
              "problems shared). Secondary rows (each configuration, each β) Holm-adjusted.",
@@ -528,11 +532,11 @@ def finding_f3(tables: RunTables, outcomes: pd.DataFrame, rng: np.random.Generat
     sources = [("final reward, KL − no KL", "train", _final_reward_replicates(outcomes, cells, rng, n_boot) + (cells,))]
     sources += [("pass@1, KL − no KL", SPLIT_NAMES[s], _accuracy_replicates(tables, s, cells, rng, n_boot))
                 for s in SPLITS]
-    diffs = []
+    perm_rng, diffs = rng.spawn(1)[0], []  # Monte Carlo permutations, if any, apart from the bootstrap's stream
     for comparison, split, (est, reps, values, split_cells) in sources:
         for lag in ["all", *lags]:
             strata = [([f"{label}@{l}" for label in OFFPOLICY_KL], f"{NO_KL}@{l}") for l in (lags if lag == "all" else [lag])]
-            r = _contrast(comparison, lag, "secondary", strata, split_cells, est, reps, values)
+            r = _contrast(comparison, lag, "secondary", strata, split_cells, est, reps, values, perm_rng)
             diffs.append({**r, "split": split})
     rows = _decide(pd.concat([tests, pd.DataFrame(diffs)], ignore_index=True)).rename(columns={"stratum": "lag"})
     verdict, testable = _combine([rows.iloc[0]["verdict"]])

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = [
-    "ALPHA", "LEVEL", "VERDICTS", "NOT_TESTABLE", "bootstrap_mean_ci", "hierarchical_bootstrap", "interval",
+    "ALPHA", "LEVEL", "VERDICTS", "NOT_TESTABLE", "MAX_ENUMERATION", "N_PERMUTATIONS", "bootstrap_mean_ci", "hierarchical_bootstrap", "interval",
     "stratified_difference", "permutation_test", "min_permutation_p", "fisher_exact_greater",
     "stratified_rate_test", "holm", "t_cdf", "t_quantile", "power_t_test", "seeds_for_power", "rate_test_power",
     "runs_for_rate_power", "verdict", "direction_verdict", "ORDERINGS", "compare_cells",
@@ -51,6 +51,7 @@ VERDICTS = ("supported", "not supported", "inconclusive at this scale")
 NOT_TESTABLE = "not testable at this scale"
 """A row whose smallest attainable p-value is ≥ α: decided by the design, before any data are seen."""
 MAX_ENUMERATION = 200_000
+N_PERMUTATIONS = 20_000  # random arrangements of a Monte Carlo permutation test (above MAX_ENUMERATION)
 """Above this many arrangements :func:`permutation_test` samples arrangements at random instead."""
 
 
@@ -129,7 +130,7 @@ def min_permutation_p(sizes: Sequence[tuple[int, int]]) -> float:
 
 
 def permutation_test(strata: Sequence[tuple[Sequence[float], Sequence[float]]], rng: np.random.Generator | None = None,
-                     weights: Sequence[float] | None = None, n_perm: int = 20_000) -> dict[str, float]:
+                     weights: Sequence[float] | None = None, n_perm: int = N_PERMUTATIONS) -> dict[str, float]:
     """Exact stratified permutation test of Δ = Σ_s w_s (mean a_s − mean b_s) over per-run values.
 
     Returns ``difference``, ``p_greater`` = P(Δ* ≥ Δ), ``p_less`` = P(Δ* ≤ Δ), ``p_value`` (two-sided,

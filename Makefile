@@ -237,7 +237,7 @@ $(SWEEP_STAMP): configs/sweep.yaml $(BASE_MODEL)/DONE $(KL_LIB_SRC)
 # answers, the paper's β grid, 250 steps. `make study` runs the whole pre-registered design (93 runs, about 2½ h on
 # 2 idle cores); `make reproduce` runs its reduced version (seed 0: no KL and the five KL configurations at β = 1
 # on-policy, and the 4-minibatch off-policy stratum, where the study's off-policy instabilities were: 11 of the 93
-# runs, ~18 min; same names and configs, so `make study` later only adds the rest). Both skip finished runs.
+# runs, 17½ min measured; same names and configs, so `make study` later only adds the rest). Both skip finished runs.
 ifneq ($(IS_SMOKE),)
 STUDY_BASE := data/models/worked-base-smoke
 STUDY_RUNS := runs/smoke/study

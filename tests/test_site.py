@@ -140,6 +140,11 @@ def test_analysis_cut_keeps_complete_seeds_only(tiny_runs):
     # lagged cells having no seed 1), labelled as not the pre-registered analysis
     reduced, note = site.analysis_cut(tables, {0: by_seed[0] + ["missing-s0"], 1: planned[1]})
     assert set(reduced.results["run"]) == set(by_seed[0]) and note.startswith("NOT THE PRE-REGISTERED ANALYSIS")
+    assert "committed" not in note
+    _, note = site.analysis_cut(tables, {0: by_seed[0] + ["missing-s0"], 1: planned[1]}, reference_runs="ref/runs")
+    assert note.startswith("NOT THE PRE-REGISTERED ANALYSIS") and "committed in ref/runs" in note
+    _, note = site.analysis_cut(tables, planned, reference_runs="ref/runs")  # a complete seed: no pointer needed
+    assert "ref/runs" not in note
     same, note = site.analysis_cut(tables, planned, mode="all")
     assert len(same.results) == len(res) and note.startswith("all")
     with pytest.raises(ValueError, match="'cut'"):

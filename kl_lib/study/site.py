@@ -464,12 +464,14 @@ def greedy_table(results: pd.DataFrame, rng: np.random.Generator, n_boot: int = 
         columns={"label": "configuration", "beta": "β"})
 
 
-def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "cut") -> tuple[RunTables, str]:
+def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "cut",
+                 reference_runs: str = "") -> tuple[RunTables, str]:
     """The tables the analysis reads and a sentence saying which runs those are.
 
     ``mode="cut"`` (the pre-registered rule): the finished runs of the seeds that are complete for every planned
-    cell; when no seed is complete yet, every finished run, flagged as a preliminary look. ``mode="all"``: every
-    finished run. Runs outside the plan are left out under ``"cut"`` (and named in the sentence).
+    cell; when no seed is complete yet, the seeds complete in every cell that has runs, flagged as not the
+    pre-registered analysis (and pointing to ``reference_runs``, the complete study's committed runs, if given).
+    ``mode="all"``: every finished run. Runs outside the plan are left out under ``"cut"`` (and named).
     """
     if mode not in ("cut", "all"):
         raise ValueError(f"analysis mode {mode!r}: choose 'cut' (seeds complete for every cell) or 'all'")
@@ -488,7 +490,10 @@ def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "
         return restrict_to_runs(tables, present.loc[present["seed"].isin(seeds), "run"]), (
             f"NOT THE PRE-REGISTERED ANALYSIS: no seed is complete for every planned cell (finished/planned per seed: "
             f"{counts}); shown: seed(s) {seeds}, complete for the {cells} cell(s) that have runs (a reduced or "
-            "unfinished study, docs/preregistration.md §5).")
+            "unfinished study, docs/preregistration.md §5)." + (
+                f" The complete study's runs are committed in {reference_runs} (analyse them with -p runs_dir "
+                f"{reference_runs}; the report: python -m kl_lib.study.site --runs {reference_runs})."
+                if reference_runs else ""))
     keep = {r for s in complete for r in planned[s]}
     outside = len(finished - keep)
     return restrict_to_runs(tables, keep), (
@@ -743,7 +748,8 @@ def _analyse(runs_dir: Path, seed: int, n_boot: int, contrast_dir: Path | None =
     the exact analysis's predictions, and the contrast with ``contrast_dir``'s committed findings."""
     study = study_of_runs(runs_dir)
     smoke = bool(_provenance(runs_dir)["smoke"])
-    tables, cut_note = analysis_cut(load_tables(runs_dir), planned_runs(study, smoke))
+    tables, cut_note = analysis_cut(load_tables(runs_dir), planned_runs(study, smoke),
+                                    reference_runs="" if smoke else study.reference_runs)
     outcomes = fnd.run_outcomes(tables, kl_blowup_nats=study.kl_blowup_nats)
     rng = np.random.default_rng(seed)
     accuracy = fnd.accuracy_table(tables, rng, n_boot=n_boot)

@@ -35,11 +35,15 @@ class Study:
     base_model: str
     kl_blowup_nats: float
     """KL blow-up threshold, nats per sequence (fixed before the study's runs; module docstring)."""
+    reference_runs: str = ""
+    """The committed runs of the complete study (``kl_lib.study.reference``), if any: where a reader of a reduced
+    or unfinished study finds the pre-registered analysis."""
 
 
 STUDIES: dict[str, Study] = {
     "long": Study("long", "long-answer study (worked column arithmetic, ~41-token answers)", "configs/study.yaml",
-                  "runs/study", "runs/smoke/study", "data/models/worked-base", kl_blowup_nats=41.0),
+                  "runs/study", "runs/smoke/study", "data/models/worked-base", kl_blowup_nats=41.0,
+                  reference_runs="runs/reference/study/runs"),
     "short": Study("short", "short-answer study (one-step arithmetic, 4–6-token answers)", "configs/sweep.yaml",
                    "runs/rl", "runs/smoke/rl", "data/models/tiny-base", kl_blowup_nats=5.0),
 }

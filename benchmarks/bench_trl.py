@@ -5,7 +5,7 @@
         [--profile] [--trl-defaults] [--out runs/benchmarks/trl.json]
 
     # the long-answer study's workload (make bench-trl-study): its base model, 8 prompts × 5 samples, ≤ 72 tokens
-    python benchmarks/bench_trl.py --task worked_arithmetic --model data/models/worked-base --prompts 8 \
+    python benchmarks/bench_trl.py --task worked_arithmetic --model data/models/worked-base --prompts 8 \\
         --group-size 5 --max-new-tokens 72 --out runs/benchmarks/trl_study.json
 
 needs the ``bench`` extra (``pip install -e .[bench]``, i.e. ``trl==1.16.0``).
@@ -13,8 +13,8 @@ needs the ``bench`` extra (``pip install -e .[bench]``, i.e. ``trl==1.16.0``).
 **What is compared.** Both trainers start from the same model directory, sample ``--group-size`` completions of
 at most ``--max-new-tokens`` tokens for each of ``--prompts`` prompts of the ``rl_train`` split of ``--task``
 (seed 0, the split the studies train on; chat-formatted with ``kl_lib.lm.models.format_prompt``; same token ids
-on both sides), score them with the task's ``reward`` and take one AdamW step per batch with a frozen-copy reference and the k3
-estimator in the loss, β = 0.04. Settings that make the objectives the same:
+on both sides), score them with the task's ``reward`` and take one AdamW step per batch with a frozen-copy
+reference and the k3 estimator in the loss, β = 0.04. Settings that make the objectives the same:
 
     ours: advantage="grpo", policy_loss="reinforce", aggregation="token_mean", kl=KLConfig("k3", "loss", 0.04)
     TRL:  scale_rewards="group", loss_type="grpo", beta=0.04, num_iterations=1, steps_per_generation=1
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir = args.model
             if not Path(model_dir).exists():
-                parser.error(f"model directory {model_dir} does not exist (build it with `make base-model` or `make study-base-model`)")
+                parser.error(f"model directory {model_dir} does not exist (build it with `make base-model` or "
+                             "`make study-base-model`)")
         n_params = sum(p.numel() for p in load_model(model_dir).parameters())
 
         print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}; model {args.model} "

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not configs:
-        print("error: the sweep defines no runs" + (" with these --seeds/--betas/--runs" if args.seeds or args.betas or args.runs else ""),
+        selected = args.seeds or args.betas or args.runs
+        print("error: the sweep defines no runs" + (" with these --seeds/--betas/--runs" if selected else ""),
               file=sys.stderr)
         return 2
     runs_dirs = sorted({c.runs_dir for c in configs})

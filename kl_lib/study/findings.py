@@ -158,10 +158,10 @@ def run_outcomes(tables: RunTables, kl_blowup_nats: float = KL_BLOWUP_NATS) -> p
         collapsed = bool(len(m) >= w and peak >= COLLAPSE_FLOOR and final < COLLAPSE_FRACTION * peak)
         above = np.flatnonzero((reward >= COLLAPSE_FRACTION * peak).to_numpy())
         kl = m["kl/analytic"].astype(float)
+        minibatches = int(r.get("ppo_minibatches", 1))
         rows.append({
             "run": run, **{c: r[c] for c in ("setting", "label", "beta", "seed", "async_lag", "policy_loss", "steps")},
-            "ppo_minibatches": int(r.get("ppo_minibatches", 1)),
-            "offpolicy_stratum": offpolicy_stratum(r["async_lag"], int(r.get("ppo_minibatches", 1))),
+            "ppo_minibatches": minibatches, "offpolicy_stratum": offpolicy_stratum(r["async_lag"], minibatches),
             "status": r["status"], "steps_completed": len(m), "window": w, "diverged": bool(r["diverged"]),
             "collapsed": collapsed,
             "collapse_step": int(m["step"].iloc[above[-1] + 1]) if collapsed else None,

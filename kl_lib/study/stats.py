@@ -38,7 +38,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = [
-    "ALPHA", "LEVEL", "VERDICTS", "NOT_TESTABLE", "MAX_ENUMERATION", "N_PERMUTATIONS", "bootstrap_mean_ci", "hierarchical_bootstrap", "interval",
+    "ALPHA", "LEVEL", "VERDICTS", "NOT_TESTABLE", "MAX_ENUMERATION", "N_PERMUTATIONS", "bootstrap_mean_ci",
+    "hierarchical_bootstrap", "interval",
     "stratified_difference", "permutation_test", "min_permutation_p", "fisher_exact_greater",
     "stratified_rate_test", "holm", "t_cdf", "t_quantile", "power_t_test", "seeds_for_power", "rate_test_power",
     "runs_for_rate_power", "verdict", "direction_verdict", "ORDERINGS", "compare_cells",
@@ -51,8 +52,9 @@ VERDICTS = ("supported", "not supported", "inconclusive at this scale")
 NOT_TESTABLE = "not testable at this scale"
 """A row whose smallest attainable p-value is ≥ α: decided by the design, before any data are seen."""
 MAX_ENUMERATION = 200_000
-N_PERMUTATIONS = 20_000  # random arrangements of a Monte Carlo permutation test (above MAX_ENUMERATION)
 """Above this many arrangements :func:`permutation_test` samples arrangements at random instead."""
+N_PERMUTATIONS = 20_000
+"""How many random arrangements :func:`permutation_test` samples above ``MAX_ENUMERATION`` (by default)."""
 
 
 def bootstrap_mean_ci(values: Sequence[float], rng: np.random.Generator, level: float = LEVEL,

@@ -3,6 +3,7 @@ uninterrupted run's (``time/*`` aside).
 
 * ``kill -9`` of a training process mid-run (its lock left behind, stale) and resumption;
 * a second process on a run directory that one is training (refused, naming the holder; a sweep reports it);
+* ``kill -9`` of one sweep worker (its run reported failed, the others finish, a second sweep resumes it);
 * a torn last line of ``metrics.jsonl``; a damaged line before the end;
 * a truncated and a bit-flipped newest checkpoint (the older intact one is used);
 * a pickle that would run code, where a checkpoint belongs (refused, never unpickled);
@@ -23,6 +24,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -319,3 +321,43 @@ def test_a_write_error_under_a_file_size_limit(tiny, straight, tmp_path):
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: [Errno 27] File too large while writing ") and "optimizer.safetensors" in line
     _full_disk_then_resume(cfg, straight, line)
+
+
+def test_a_killed_sweep_worker_fails_only_its_run_and_the_run_resumes(tiny):
+    """``kill -9`` of one of two sweep workers mid-run: the other run finishes, the killed one is reported failed
+    naming the signal (the sweep is not aborted), and a second sweep resumes it to the metrics of the same run
+    swept uninterrupted (workers train with one thread, so that is the run to compare with)."""
+    root, _ = tiny
+    runs = root / "sweep-kill"
+    killed, other = _cfg(tiny, runs, name="killed"), _cfg(tiny, runs, name="other", seed=1)
+    lock, metrics = runs / "killed" / "LOCK", runs / "killed" / "metrics.jsonl"
+    threads, records = torch.get_num_threads(), {}
+    sweep = threading.Thread(target=lambda: records.update(
+        {r["name"]: r for r in run_sweep([killed, other], jobs=2, progress=False)}))
+    sweep.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and _lines(metrics) >= 1):
+            assert sweep.is_alive() and time.monotonic() < deadline, "the killed run never started"
+            time.sleep(0.005)
+        os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
+    finally:
+        sweep.join(timeout=300)
+        torch.set_num_threads(threads)
+    assert not sweep.is_alive()
+    assert records["other"]["status"] == "done"
+    assert records["killed"]["status"] == "failed" and "killed by SIGKILL" in records["killed"]["error"]
+    assert not (runs / "killed" / "DONE").exists()
+    [again] = run_sweep([killed], jobs=2, progress=False)
+    [uninterrupted] = run_sweep([_cfg(tiny, runs, name="uninterrupted")], jobs=2, progress=False)
+    assert again["status"] == uninterrupted["status"] == "done"
+    assert _rows(runs / "killed") == _rows(runs / "uninterrupted")
+
+
+def test_a_sweep_needs_at_least_one_job(tiny, capsys):
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        run_sweep([_cfg(tiny, name="never")], jobs=0, progress=False)
+    from kl_lib.rl.sweep import main as sweep_main
+    with pytest.raises(SystemExit) as exit_:
+        sweep_main(["configs/sweep.yaml", "--jobs", "0"])
+    assert exit_.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err

@@ -19,8 +19,9 @@ Runs are named deterministically (``RLConfig.run_name``) under ``<runs_dir>/``; 
 from its last checkpoint, and a directory holding a run of another config is refused and left untouched (with
 ``--move-aside`` it is renamed to ``<name>.old-<time>`` and the run starts; ``kl_lib.rl.checkpoints``). A run
 that another process is training (its directory is locked, ``kl_lib.rl.runlock``) is reported ``locked``, not
-trained twice. A run that raises is reported and the sweep goes on; the exit status is non-zero if any run
-failed or was locked (a diverged run is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with
+trained twice. A run that raises is reported and the sweep goes on, and so is one whose worker process dies
+(killed, out of memory: each run trains in a process of its own; run the sweep again to resume it); the exit
+status is non-zero if any run failed or was locked (a diverged run is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with
 its status.
 
 On CPU each worker uses one thread: for a model of a million parameters, two single-threaded runs side by side
@@ -30,16 +31,19 @@ finish much sooner than two-threaded runs one after the other.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -127,24 +131,93 @@ def _run_one(cfg_dict: dict[str, Any], settings: dict[str, Any] | None, on_confl
 def run_sweep(configs: list[RLConfig], jobs: int = 2, progress: bool = True,
               settings: EvalSettings | None = None, on_conflict: str = "refuse") -> list[dict[str, Any]]:
     """Train (and, with ``settings``, evaluate) every run; returns one status record per run (``status``: done,
-    skipped, diverged, failed, or locked by another process). ``on_conflict``: see ``kl_lib.rl.train.train``."""
+    skipped, diverged, failed, or locked by another process). ``on_conflict``: see ``kl_lib.rl.train.train``.
+
+    With ``jobs`` > 1 each run trains in a process of its own (:func:`_run_in_processes`), so a worker that dies
+    (killed, out of memory) fails its run only; with ``jobs`` = 1 the runs train one after another in this process.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     results = []
     evaluation = None if settings is None else dataclasses.asdict(settings)
     payloads = [c.to_dict() for c in configs]
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
-    if jobs <= 1:
+
+    def report(record: dict[str, Any]) -> None:
+        results.append(record)
+        bar.set_postfix_str(f"{record['name']}: {record['status']}")
+        bar.update()
+
+    if jobs == 1:
         for payload in payloads:
-            results.append(_run_one(payload, evaluation, on_conflict))
-            bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
-            bar.update()
+            report(_run_one(payload, evaluation, on_conflict))
     else:
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(_run_one, p, evaluation, on_conflict) for p in payloads]):
-                results.append(fut.result())
-                bar.set_postfix_str(f"{results[-1]['name']}: {results[-1]['status']}")
-                bar.update()
+        _run_in_processes(payloads, jobs, evaluation, on_conflict, report)
     bar.close()
     return sorted(results, key=lambda r: r["name"])
+
+
+def _worker(index: int, payload: dict[str, Any], settings: dict[str, Any] | None, on_conflict: str,
+            results: mp.Queue) -> None:
+    results.put((index, _run_one(payload, settings, on_conflict)))
+
+
+def _run_in_processes(payloads: list[dict[str, Any]], jobs: int, settings: dict[str, Any] | None, on_conflict: str,
+                      report: Callable[[dict[str, Any]], None]) -> None:
+    """Each run in a spawned process of its own, at most ``jobs`` at once, its record reported as it ends.
+
+    A process that ends without sending its record (killed by a signal, out of memory) is reported as a failed
+    run naming how it ended; the others go on. Its run directory keeps its last checkpoint and a stale lock, so
+    running the sweep again resumes it. On an exception here (Ctrl-C) the running workers are terminated.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    waiting = list(enumerate(payloads))
+    running: dict[int, tuple[Any, float]] = {}  # index -> (process, start time)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                index, payload = waiting.pop(0)
+                proc = ctx.Process(target=_worker, args=(index, payload, settings, on_conflict, queue))
+                proc.start()
+                running[index] = (proc, time.time())
+            for index, record in _received(queue, wait=1.0):
+                running.pop(index)[0].join()
+                report(record)
+            for index, (proc, start) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                for sent, record in _received(queue, wait=5.0):  # a record sent just before it ended
+                    running.pop(sent)[0].join()
+                    report(record)
+                if index in running:
+                    running.pop(index)
+                    report(_lost_worker(payloads[index], proc.exitcode, time.time() - start))
+    finally:
+        for proc, _ in running.values():
+            proc.terminate()
+            proc.join()
+
+
+def _received(queue: mp.Queue, wait: float) -> list[tuple[int, dict[str, Any]]]:
+    """The records in ``queue``, waiting up to ``wait`` seconds for the first."""
+    try:
+        records = [queue.get(timeout=wait)]
+    except Empty:
+        return []
+    with contextlib.suppress(Empty):
+        while True:
+            records.append(queue.get_nowait())
+    return records
+
+
+def _lost_worker(payload: dict[str, Any], exitcode: int | None, seconds: float) -> dict[str, Any]:
+    how = (f"was killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+           else f"exited with status {exitcode}")
+    return {"name": from_dict(payload).run_name(), "status": "failed", "seconds": seconds,
+            "error": f"its worker process {how} before reporting (out of memory, or killed by hand?); the run "
+                     "keeps its last checkpoint and resumes from it when the sweep is run again",
+            "traceback": ""}
 
 
 def ensure_smoke_sweep(runs_dir: str | Path = "runs/smoke/rl", sweep: str | Path = "configs/sweep.yaml",
@@ -270,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1 (runs trained at once), got {args.jobs}")
     try:
         spec = load_sweep_spec(args.sweep)
         configs = expand_sweep(spec, smoke=args.smoke, overrides=args.overrides)

@@ -99,7 +99,7 @@ def test_help_runs_as_a_program():
     out = subprocess.run([sys.executable, "-m", "kl_lib.rl.train", "--help"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120, check=True)
     assert out.stdout.startswith("usage: python -m kl_lib.rl.train ")
-    assert "kl.estimator: str = 'k1'  {k1, k2, k3, analytic}" in out.stdout
+    assert "kl.estimator: str = 'k1'  {k1, k2, k3, analytic, abs}" in out.stdout  # abs: verl's, a library estimator
     assert "advantage: str = 'rloo'  {rloo, grpo, drgrpo}" in out.stdout
     out = subprocess.run([sys.executable, "-m", "kl_lib.tasks.arithmetic", "--help"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120, check=True)

@@ -621,7 +621,7 @@ def fields_help(width: int = 100) -> str:
     """Every RLConfig field (and the KL section's as ``kl.<field>``): type, default, allowed values and doc, as the
     ``--help`` of the trainer and the sweep print them."""
     default = RLConfig()
-    kl_choices = {"estimator": tuple(ESTIMATORS), "placement": PLACEMENTS,
+    kl_choices = {"estimator": (*ESTIMATORS, *LIBRARY_ESTIMATORS), "placement": PLACEMENTS,
                   "importance_weighting": IMPORTANCE_WEIGHTINGS, "token_weight": TOKEN_WEIGHTS,
                   "sequence_weight": SEQUENCE_WEIGHTS, "reward_normalization": REWARD_NORMALIZATIONS}
     rows = []

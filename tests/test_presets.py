@@ -310,6 +310,24 @@ def test_tiny_base_model_loads_as_before(tmp_path):
     assert tokenizer.padding_side == "left" and not is_checkpointing(model)
 
 
+@pytest.mark.parametrize("bars_on", [True, False])
+def test_a_local_model_is_saved_and_loaded_without_progress_bars(tmp_path, capfd, bars_on):
+    """No "Loading weights" / "Writing model shards" bars for a local model (they cluttered executed notebooks),
+    and the caller's progress-bar settings are as they were."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if bars_on else hf_logging.disable_progress_bar)()
+    try:
+        load_model(save_untrained_model(tmp_path / "tiny"))
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err
+        assert hf_logging.is_progress_bar_enabled() is bars_on
+        assert hub_utils.are_progress_bars_disabled() is not bars_on
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Hub ids: the Hugging Face cache, offline; a clear error when the hub cannot be reached
 # ------------------------------------------------------------------------------------------------------------

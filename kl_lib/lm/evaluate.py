@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kl_lib.files import config_digest, file_digest, write_json
-from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer
+from kl_lib.lm.models import encode_prompts, load_model, load_tokenizer, quiet_progress_bars
 from kl_lib.tasks import Problem, Task, get_task, problems_digest
 
 __all__ = ["EvalSettings", "data_key", "evaluate_model", "evaluate_path", "evaluate_splits", "greedy_accuracy",
@@ -183,7 +183,8 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload().to(device)
+        with quiet_progress_bars():
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload().to(device)
     else:
         model = load_model(path, device=device)
     return model, load_tokenizer(path)

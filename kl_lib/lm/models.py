@@ -28,12 +28,15 @@ on two CPU cores, and the pretrained model that runs here has 135 M parameters w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,8 +46,8 @@ from kl_lib.lm.presets import ModelPreset, get_preset, resolve
 
 __all__ = ["ALPHABET", "CHAT_TEMPLATE", "GGUF_SOURCE_FILE", "SPECIAL_TOKENS", "ModelUnavailableError",
            "build_tokenizer", "check_lora_targets", "encode_prompts", "ensure_gguf_cache", "format_prompt",
-           "is_checkpointing", "load_model", "load_tokenizer", "model_source", "models_dir", "save_untrained_model",
-           "tiny_llama_config"]
+           "is_checkpointing", "load_model", "load_tokenizer", "model_source", "models_dir", "quiet_progress_bars",
+           "save_untrained_model", "tiny_llama_config"]
 
 ALPHABET = "0123456789+-= "
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -152,9 +155,29 @@ def model_source(name_or_path: str | os.PathLike,
     return source, found
 
 
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-tensor progress bars ("Loading weights", "Writing model shards") while a local model
+    is read or written: for a model of a few megabytes they only clutter logs and executed notebooks. The previous
+    settings are restored after, transformers' and huggingface_hub's (which transformers switches with its own)."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    shown, hub_hidden = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # enabling warns when HF_HUB_DISABLE_PROGRESS_BARS is set; it stays off
+            warnings.simplefilter("ignore")
+            (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+            (hub_utils.disable_progress_bars if hub_hidden else hub_utils.enable_progress_bars)()
+
+
 def _from_pretrained(auto_cls, source: str, preset: ModelPreset | None, what: str, **kwargs):
     try:
-        return auto_cls.from_pretrained(source, **kwargs)
+        with quiet_progress_bars() if os.path.isdir(source) else contextlib.nullcontext():
+            return auto_cls.from_pretrained(source, **kwargs)
     except OSError as err:
         if os.path.isdir(source):
             raise
@@ -357,8 +380,9 @@ def _write_cache(cache: Path, tokenizer, model, info: dict) -> Path:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise survive the rename
     try:
-        _savable(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_progress_bars():
+            _savable(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(
             {**info, "transformers_version": transformers.__version__, "dtype": "float32"}, indent=2) + "\n")
         if cache.exists():  # stale (or not ours): replace
@@ -415,6 +439,7 @@ def save_untrained_model(out_dir: str | os.PathLike, seed: int = 0, **config_ove
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with quiet_progress_bars():
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -83,6 +83,7 @@ from kl_lib.lm.models import (
     load_model,
     load_tokenizer,
     model_source,
+    quiet_progress_bars,
 )
 from kl_lib.lm.presets import resolve
 from kl_lib.rl import distributed, vllm_backend
@@ -811,7 +812,7 @@ def finish(tr: Trainer, history: list[dict[str, Any]], status: str, reason: str 
             tmp = tr.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                with disk_errors(tmp):
+                with disk_errors(tmp), quiet_progress_bars():
                     tr.policy.save_pretrained(tmp)
                     tr.tokenizer.save_pretrained(tmp)
             except BaseException:

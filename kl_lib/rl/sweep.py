@@ -21,8 +21,8 @@ from its last checkpoint, and a directory holding a run of another config is ref
 that another process is training (its directory is locked, ``kl_lib.rl.runlock``) is reported ``locked``, not
 trained twice. A run that raises is reported and the sweep goes on, and so is one whose worker process dies
 (killed, out of memory: each run trains in a process of its own; run the sweep again to resume it); the exit
-status is non-zero if any run failed or was locked (a diverged run is a result, not a failure). ``<runs_dir>/sweep.json`` lists every run with
-its status.
+status is non-zero if any run failed or was locked (a diverged run is a result, not a failure).
+``<runs_dir>/sweep.json`` lists every run with its status.
 
 On CPU each worker uses one thread: for a model of a million parameters, two single-threaded runs side by side
 finish much sooner than two-threaded runs one after the other.

@@ -8,9 +8,10 @@
 ``GRPOTrainer`` on the study's workload, against a 2× target. Is 2× reachable by a faster implementation of the
 same step, or is the step's arithmetic alone already slower than half of TRL's measured step?
 
-**Method.** One real rollout of the study's base model (our sampler, ``kl_lib.rl.rollout.sample``, seed 0, the
-``rl_train`` prompts of seed 0, as the trainer draws them) fixes the work of a step: the rows still running at
-each decode step, and the response lengths that set the slices of the training passes. For each phase of a step
+**Method.** One real rollout of the study's base model (our sampler, ``kl_lib.rl.rollout.sample``, seed 0, on the
+first ``--prompts`` problems of the seed-0 ``rl_train`` split, each ``--group-size`` times; the task's prompts all
+have one length, 13 tokens) fixes the work of a step: the rows still running at each decode step, and the
+response lengths that set the slices of the training passes. For each phase of a step
 the script lists the matrix products a Llama forward performs (seven projections per layer and the output head,
 at the phase's number of token rows) and its attention (query and key lengths), and, for a backward pass, the two
 products per forward product (input and weight gradient) and attention's backward. It then times exactly those

@@ -361,3 +361,7 @@ def test_a_sweep_needs_at_least_one_job(tiny, capsys):
     with pytest.raises(SystemExit) as exit_:
         sweep_main(["configs/sweep.yaml", "--jobs", "0"])
     assert exit_.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as env, pytest.raises(SystemExit) as exit_:
+        env.setenv("KL_SWEEP_JOBS", "two")
+        sweep_main(["configs/sweep.yaml", "--dry-run"])
+    assert exit_.value.code == 2 and "KL_SWEEP_JOBS='two' is not a whole number" in capsys.readouterr().err

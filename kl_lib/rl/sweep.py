@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_SWEEP_EXAMPLES + "\n" + fields_help())
     parser.add_argument("sweep", help="sweep YAML, e.g. configs/sweep.yaml")
     parser.add_argument("--smoke", action="store_true", help="apply the file's smoke overrides (minutes, for CI)")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("KL_SWEEP_JOBS", "2")), metavar="N",
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="runs trained at once, one worker process each with one thread on CPU (default "
                              "$KL_SWEEP_JOBS, else 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -343,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.jobs is None:
+        try:
+            args.jobs = int(os.environ.get("KL_SWEEP_JOBS", "2"))
+        except ValueError:
+            parser.error(f"KL_SWEEP_JOBS={os.environ['KL_SWEEP_JOBS']!r} is not a whole number of runs trained at "
+                         "once; set it to e.g. 2, or pass --jobs")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1 (runs trained at once), got {args.jobs}")
     try:

@@ -47,7 +47,7 @@ from kl_lib.lm.presets import ModelPreset, get_preset, resolve
 __all__ = ["ALPHABET", "CHAT_TEMPLATE", "GGUF_SOURCE_FILE", "SPECIAL_TOKENS", "ModelUnavailableError",
            "build_tokenizer", "check_lora_targets", "encode_prompts", "ensure_gguf_cache", "format_prompt",
            "is_checkpointing", "load_model", "load_tokenizer", "model_source", "models_dir", "quiet_progress_bars",
-           "save_untrained_model", "tiny_llama_config"]
+           "save_model", "save_untrained_model", "tiny_llama_config"]
 
 ALPHABET = "0123456789+-= "
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -172,6 +172,14 @@ def quiet_progress_bars() -> Iterator[None]:
             warnings.simplefilter("ignore")
             (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
             (hub_utils.disable_progress_bars if hub_hidden else hub_utils.enable_progress_bars)()
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
+    """``save_pretrained`` of the model and its tokenizer into ``out_dir``, without progress bars (callers write
+    into a temporary directory and rename it into place)."""
+    with quiet_progress_bars():
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
 
 def _from_pretrained(auto_cls, source: str, preset: ModelPreset | None, what: str, **kwargs):
@@ -380,9 +388,7 @@ def _write_cache(cache: Path, tokenizer, model, info: dict) -> Path:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise survive the rename
     try:
-        with quiet_progress_bars():
-            _savable(model).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model(_savable(model), tokenizer, tmp)
         (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(
             {**info, "transformers_version": transformers.__version__, "dtype": "float32"}, indent=2) + "\n")
         if cache.exists():  # stale (or not ours): replace
@@ -439,7 +445,5 @@ def save_untrained_model(out_dir: str | os.PathLike, seed: int = 0, **config_ove
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     out_dir = Path(out_dir)
-    with quiet_progress_bars():
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+    save_model(model, tokenizer, out_dir)
     return out_dir

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kl_lib.lm.evaluate import greedy_accuracy
-from kl_lib.lm.models import build_tokenizer, format_prompt, quiet_progress_bars, tiny_llama_config
+from kl_lib.lm.models import build_tokenizer, format_prompt, save_model, tiny_llama_config
 from kl_lib.files import config_digest, environment_info, write_json
 from kl_lib.tasks import arithmetic, worked_arithmetic
 from kl_lib.tasks.base import Problem
@@ -246,9 +246,7 @@ def _save(out_dir: Path, model, tokenizer, meta: dict) -> None:
     """Model, tokenizer, ``sft.json`` and ``DONE`` into a sibling ``.tmp`` directory, then renamed over ``out_dir``."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_progress_bars():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_model(model, tokenizer, tmp)
     write_json(tmp / "sft.json", meta)
     (tmp / "DONE").write_text("ok\n")
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -83,7 +83,7 @@ from kl_lib.lm.models import (
     load_model,
     load_tokenizer,
     model_source,
-    quiet_progress_bars,
+    save_model,
 )
 from kl_lib.lm.presets import resolve
 from kl_lib.rl import distributed, vllm_backend
@@ -812,9 +812,8 @@ def finish(tr: Trainer, history: list[dict[str, Any]], status: str, reason: str 
             tmp = tr.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                with disk_errors(tmp), quiet_progress_bars():
-                    tr.policy.save_pretrained(tmp)
-                    tr.tokenizer.save_pretrained(tmp)
+                with disk_errors(tmp):
+                    save_model(tr.policy, tr.tokenizer, tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -161,14 +161,14 @@ def padded_work(d: Dims, lengths: list[int], prompt: int) -> Work:
 
 
 def designs(d: Dims, lengths: list[int], prompt: int, group: int, max_new: int) -> dict[str, dict[str, Work]]:
-    policy = scoring_work(d, lengths, prompt, group)
+    scored = scoring_work(d, lengths, prompt, group)  # the reference's forward and the policy's: the same work
     sampled = sampling_work(d, lengths, prompt, group, max_new, drop=True)
     padded = padded_work(d, lengths, prompt)
     return {
-        "ours": {"sampling": sampled, "reference forward": scoring_work(d, lengths, prompt, group),
-                 "policy forward": policy, "backward": backward_of(policy)},
+        "ours": {"sampling": sampled, "reference forward": scored, "policy forward": scored,
+                 "backward": backward_of(scored)},
         "ours, training on the sampling forward": {
-            "sampling (graph kept)": sampled, "reference forward": scoring_work(d, lengths, prompt, group),
+            "sampling (graph kept)": sampled, "reference forward": scored,
             "backward (decode shapes)": backward_of(sampled)},
         "TRL": {"generation": sampling_work(d, lengths, prompt, 1, max_new, drop=False),
                 "reference forward": padded, "policy forward": padded, "backward": backward_of(padded)},
@@ -238,10 +238,10 @@ def study_rollout(model_dir: str, prompts: int, group: int, max_new: int) -> tup
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     problems = worked_arithmetic.generate_split("rl_train", seed=0, size=prompts)
     ids, mask = encode_prompts(tokenizer, [p.prompt for p in problems])
-    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-    roll = sample(model, tokenizer, ids, mask, max_new_tokens=max_new, temperature=1.0, seed=0, group_size=group)
     if bool((mask == 0).any()):
         raise SystemExit("the prompts have different lengths; this count assumes one prompt length")
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    roll = sample(model, tokenizer, ids, mask, max_new_tokens=max_new, temperature=1.0, seed=0, group_size=group)
     return [int(n) for n in roll.response_mask.sum(-1)], ids.shape[1], model.config
 
 

@@ -41,6 +41,7 @@ from kl_lib.rl.checkpoints import (
 )
 from kl_lib.rl.config import RLConfig
 from kl_lib.rl.runlock import RunLockedError
+from kl_lib.rl.sweep import main as sweep_main
 from kl_lib.rl.sweep import run_sweep
 from kl_lib.rl.train import main as train_main
 from kl_lib.rl.train import train
@@ -357,7 +358,6 @@ def test_a_killed_sweep_worker_fails_only_its_run_and_the_run_resumes(tiny):
 def test_a_sweep_needs_at_least_one_job(tiny, capsys):
     with pytest.raises(ValueError, match="jobs must be at least 1"):
         run_sweep([_cfg(tiny, name="never")], jobs=0, progress=False)
-    from kl_lib.rl.sweep import main as sweep_main
     with pytest.raises(SystemExit) as exit_:
         sweep_main(["configs/sweep.yaml", "--jobs", "0"])
     assert exit_.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err

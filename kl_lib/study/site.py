@@ -828,8 +828,10 @@ def _header_html(a: _Analysis, runs_dir: Path, notebooks_dir: Path, out_dir: Pat
 def _findings_html(found: list[fnd.Finding]) -> str:
     parts = ["<h2>Findings</h2><p>Hypotheses from the paper, tested with rules fixed in advance "
              "(<code>docs/statistics.md</code>, <code>kl_lib.study.findings</code>): every test is two-sided at "
-             "α = 0.05 and compares runs only within one β or lag; rates by an exact test, accuracy differences by an "
-             "exact permutation test over seeds with a bootstrap interval; secondary rows are Holm-adjusted; a row "
+             "α = 0.05 and compares runs only within one β or lag; rates by an exact test, accuracy differences by a "
+             f"permutation test over seeds (exact up to {stats.MAX_ENUMERATION:,} arrangements, else "
+             f"{stats.N_PERMUTATIONS:,} random ones) with a "
+             "bootstrap interval; secondary rows are Holm-adjusted; a row "
              "whose smallest attainable p is ≥ α is “not testable at this scale”.</p><ul>"]
     for f in found:
         nums = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in f.numbers.items()

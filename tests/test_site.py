@@ -2,6 +2,7 @@
 Chromium: the page loads, every image decodes, the screenshot is not blank, links resolve."""
 
 import csv
+import fnmatch
 import json
 import re
 import shutil
@@ -149,6 +150,26 @@ def test_analysis_cut_keeps_complete_seeds_only(tiny_runs):
     assert len(same.results) == len(res) and note.startswith("all")
     with pytest.raises(ValueError, match="'cut'"):
         site.analysis_cut(tables, planned, mode="some")
+
+
+def test_study_cut_points_a_reduced_study_to_the_committed_runs():
+    """On the committed long-answer study: all 93 runs complete, no pointer; the reduced study's 11 runs (seed 0's
+    on-policy β = 1 cells, no KL and the 4-minibatch stratum: no seed complete for every cell) are flagged and
+    pointed to the committed runs, except when read against the smoke design (flagged, no pointer)."""
+    from kl_lib.study.studies import get_study
+    from kl_lib.study.tables import load_tables, restrict_to_runs
+
+    study = get_study("long")
+    tables = load_tables(study.reference_runs)
+    res = tables.results
+    full, note = site.study_cut(tables, study)
+    assert set(full.results["run"]) == set(res["run"]) and len(res) == 93 and "committed" not in note
+    reduced = [r for r in res["run"] if any(fnmatch.fnmatch(r, p) for p in ("nokl-s0", "*-b1-s0", "*-mb4-s0"))]
+    assert len(reduced) == 11
+    _, note = site.study_cut(restrict_to_runs(tables, reduced), study)
+    assert note.startswith("NOT THE PRE-REGISTERED ANALYSIS") and f"committed in {study.reference_runs}" in note
+    _, note = site.study_cut(restrict_to_runs(tables, reduced), study, smoke=True)
+    assert note.startswith("NOT THE PRE-REGISTERED ANALYSIS") and "committed" not in note
 
 
 def test_offpolicy_runs_staleness_is_minus_mean_log_ratio(tiny_runs):

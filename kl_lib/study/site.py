@@ -464,6 +464,13 @@ def greedy_table(results: pd.DataFrame, rng: np.random.Generator, n_boot: int = 
         columns={"label": "configuration", "beta": "β"})
 
 
+def study_cut(tables: RunTables, study: Study, smoke: bool = False, mode: str = "cut") -> tuple[RunTables, str]:
+    """:func:`analysis_cut` of ``study``'s runs: the runs it plans (its smoke design with ``smoke``), and for a
+    reduced or unfinished full-size study the pointer to the complete study's committed runs (a smoke study's
+    runs are not a reduced version of those)."""
+    return analysis_cut(tables, planned_runs(study, smoke), mode, "" if smoke else study.reference_runs)
+
+
 def analysis_cut(tables: RunTables, planned: dict[int, list[str]], mode: str = "cut",
                  reference_runs: str = "") -> tuple[RunTables, str]:
     """The tables the analysis reads and a sentence saying which runs those are.
@@ -748,8 +755,7 @@ def _analyse(runs_dir: Path, seed: int, n_boot: int, contrast_dir: Path | None =
     the exact analysis's predictions, and the contrast with ``contrast_dir``'s committed findings."""
     study = study_of_runs(runs_dir)
     smoke = bool(_provenance(runs_dir)["smoke"])
-    tables, cut_note = analysis_cut(load_tables(runs_dir), planned_runs(study, smoke),
-                                    reference_runs="" if smoke else study.reference_runs)
+    tables, cut_note = study_cut(load_tables(runs_dir), study, smoke)
     outcomes = fnd.run_outcomes(tables, kl_blowup_nats=study.kl_blowup_nats)
     rng = np.random.default_rng(seed)
     accuracy = fnd.accuracy_table(tables, rng, n_boot=n_boot)

@@ -121,7 +121,7 @@ NB_PARAMS_STAMP := $(NB_OUT)/.params
 ALL_PARAMS := $(PARAMS) $(foreach s,$(STEMS),$(if $(PARAMS_$(s)),[$(s)] $(PARAMS_$(s))))
 
 .DEFAULT_GOAL := help
-.PHONY: help env lock test reproduce report reference lab clean distclean data base-model sweep study study-base-model bench bench-trl bench-trl-study bench-floor FORCE
+.PHONY: help env lock test reproduce report reference lab clean distclean data base-model sweep study study-base-model bench bench-trl bench-trl-study bench-floor bench-compiled FORCE
 
 help: ## this list
 	@awk '/^## / { sub(/^## /, ""); print; next } /^[a-z][a-z-]*:.*## / { \
@@ -281,6 +281,9 @@ bench-trl-study: $(ENV_FILE) data/models/worked-base/DONE | env ## the same on t
 
 bench-floor: $(ENV_FILE) data/models/worked-base/DONE | env ## the arithmetic floor of a study step, against bench-trl-study's
 	$(PY) benchmarks/bench_floor.py --trl runs/benchmarks/trl_study.json --out runs/benchmarks/floor_study.json
+
+bench-compiled: $(ENV_FILE) data/models/worked-base/DONE | env ## a compiled decode step against that floor: can it open 2× TRL?
+	$(PY) benchmarks/bench_compiled.py --trl runs/benchmarks/trl_study.json --out runs/benchmarks/compiled_study.json
 
 # ---------------------------------------------------------------------------------------------------------
 # Notebooks. Kernel cwd = repository root; each notebook gets smoke and output_dir=$(NB_OUT)/<stem>.

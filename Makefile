@@ -282,7 +282,7 @@ bench-trl-study: $(ENV_FILE) data/models/worked-base/DONE | env ## the same on t
 bench-floor: $(ENV_FILE) data/models/worked-base/DONE | env ## the arithmetic floor of a study step, against bench-trl-study's
 	$(PY) benchmarks/bench_floor.py --trl runs/benchmarks/trl_study.json --out runs/benchmarks/floor_study.json
 
-bench-compiled: $(ENV_FILE) data/models/worked-base/DONE | env ## a compiled decode step against that floor: can it open 2× TRL?
+bench-compiled: $(ENV_FILE) data/models/worked-base/DONE | env ## compiled decode step and training pass against their floors: can they open 2× TRL?
 	$(PY) benchmarks/bench_compiled.py --trl runs/benchmarks/trl_study.json --out runs/benchmarks/compiled_study.json
 
 # ---------------------------------------------------------------------------------------------------------

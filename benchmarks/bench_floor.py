@@ -232,15 +232,21 @@ class KernelClock:
         return s
 
 
-def study_rollout(model_dir: str, prompts: int, group: int, max_new: int) -> tuple[list[int], int, Any]:
-    """One rollout of the study's base model on the seed-0 ``rl_train`` prompts: the responses' lengths, the
-    prompt length (the task's prompts all have the same), the model's config."""
+def study_batch(model_dir: str, prompts: int, group: int) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """The tokenizer, the model and the study's first rollout batch: the seed-0 ``rl_train`` prompts, each
+    ``group`` times, ``(B, P)``. The task's prompts all have one length, which the counts here assume."""
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     problems = worked_arithmetic.generate_split("rl_train", seed=0, size=prompts)
     ids, mask = encode_prompts(tokenizer, [p.prompt for p in problems])
     if bool((mask == 0).any()):
         raise SystemExit("the prompts have different lengths; this count assumes one prompt length")
-    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    return tokenizer, model, ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+
+
+def study_rollout(model_dir: str, prompts: int, group: int, max_new: int) -> tuple[list[int], int, Any]:
+    """One rollout of the study's base model on :func:`study_batch`: the responses' lengths, the prompt length,
+    the model's config."""
+    tokenizer, model, ids, mask = study_batch(model_dir, prompts, group)
     roll = sample(model, tokenizer, ids, mask, max_new_tokens=max_new, temperature=1.0, seed=0, group_size=group)
     return [int(n) for n in roll.response_mask.sum(-1)], ids.shape[1], model.config
 
@@ -255,8 +261,11 @@ def measured_steps(path: Path) -> dict[str, Any] | None:
             "ratio": s["ratio_ours_over_trl"]["median"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_workload(doc: str, out: str, argv: list[str] | None) -> argparse.Namespace:
+    """The study workload's options (shared with ``bench_compiled.py``; ``doc``: the script's docstring, ``out``:
+    its default output file), checked before any work: a missing model or a count below 1 is a usage error. Sets
+    torch's intra-op threads."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="data/models/worked-base")
     parser.add_argument("--prompts", type=int, default=8)
@@ -265,13 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, as bench_trl.py (default 1)")
     parser.add_argument("--trl", type=Path, default=Path("runs/benchmarks/trl_study.json"),
                         help="bench_trl.py's output on the same workload, for the measured steps")
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/floor_study.json"))
+    parser.add_argument("--out", type=Path, default=Path(out))
     args = parser.parse_args(argv)
     if not Path(args.model).exists():
         parser.error(f"model directory {args.model} does not exist (build it with `make study-base-model`)")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
+    if min(args.threads, args.prompts, args.group_size, args.max_new_tokens) < 1:
+        parser.error("--threads, --prompts, --group-size and --max-new-tokens must be at least 1")
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_workload(__doc__, "runs/benchmarks/floor_study.json", argv)
     torch.manual_seed(0)
 
     lengths, prompt, config = study_rollout(args.model, args.prompts, args.group_size, args.max_new_tokens)

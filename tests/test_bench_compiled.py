@@ -93,7 +93,20 @@ def test_lean_llama_refuses_models_it_does_not_compute(bench, llama):
 
 def test_bound(bench):
     floors = {"sampling": 0.05, "reference forward": 0.04, "policy forward": 0.04, "backward": 0.08}
-    b = bench.bound(floors, efficiency=0.5, budget=0.21)
+    b = bench.bound(floors, decode=0.5, training=0.8, budget=0.26)
     assert b["step_lower_bound_s"] == pytest.approx(0.16 + 0.10)
-    assert b["decode_efficiency_needed"] == pytest.approx(0.05 / 0.05)
-    assert bench.bound(floors, efficiency=0.5, budget=0.15)["decode_efficiency_needed"] is None
+    assert b["step_estimate_s"] == pytest.approx(0.16 / 0.8 + 0.10)
+    assert b["decode_efficiency_needed"] == pytest.approx(0.05 / 0.10)
+    assert b["decode_efficiency_needed_at_measured_training"] == pytest.approx(0.05 / 0.06)
+    assert bench.bound(floors, decode=0.5, training=0.8, budget=0.15)["decode_efficiency_needed"] is None
+
+
+def test_training_batch_scores_the_response_tokens(bench, llama):
+    tokenizer, model = llama
+    ids, mask = _encode(tokenizer, ["1+2=", "5+5="])
+    roll = sample(model, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0, seed=0)
+    inputs, attention, targets, scored = bench.training_batch(ids, mask, roll)
+    P = ids.shape[1]
+    assert torch.equal(targets[:, P - 1:], roll.response_ids)  # position P - 1 + t predicts response token t
+    assert torch.equal(scored[:, P - 1:].bool(), roll.response_mask) and not scored[:, :P - 1].any()
+    assert torch.equal(inputs[:, :P], ids) and torch.equal(attention[:, :P], mask)

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -334,7 +335,8 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked before any work (TRL installed, counts in range, the model directory present)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
@@ -358,87 +360,59 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2 or args.repeats < 1 or args.warmup < 0:
         parser.error("need --steps ≥ 2 (cycle times are differences), --repeats ≥ 1, --warmup ≥ 0")
-    try:
-        import trl
-    except ImportError:
+    if importlib.util.find_spec("trl") is None:
         parser.error("TRL is not installed; pip install -e '.[bench]'")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.model != "random" and not Path(args.model).exists():
+        parser.error(f"model directory {args.model} does not exist (build it with `make base-model` or "
+                     "`make study-base-model`)")
+    return args
 
-    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
-        tmp = Path(tmp)
-        data_dir = str(tmp / "data")
-        TASKS[args.task].write_splits(data_dir, seed=0, sizes={"sft": 1})  # only rl_train is used (seed 0: the study's)
-        if args.model == "random":
-            model_dir = str(save_untrained_model(tmp / "model", seed=0, hidden_size=args.hidden_size,
-                                                 num_layers=args.num_layers))
-        else:
-            model_dir = args.model
-            if not Path(model_dir).exists():
-                parser.error(f"model directory {model_dir} does not exist (build it with `make base-model` or "
-                             "`make study-base-model`)")
-        n_params = sum(p.numel() for p in load_model(model_dir).parameters())
 
-        print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}; model {args.model} "
-              f"({n_params / 1e6:.2f} M params); {args.prompts} prompts × {args.group_size} samples × "
-              f"≤{args.max_new_tokens} tokens per step; {args.warmup} warm-up + {args.steps} timed steps; "
-              f"{args.repeats} repeats", flush=True)
-        agreement = logprob_agreement(args, model_dir, data_dir, str(tmp / "trl_check"))
-        print(f"log-prob agreement (ours token_logprobs vs TRL _get_per_token_logps_and_entropies, "
-              f"{agreement['tokens_compared']} tokens, {agreement['left_padded_rows']}/{agreement['rows']} rows "
-              f"left-padded): max |Δ| = {agreement['max_abs_diff']:.2e} "
-              f"(padded rows {agreement['max_abs_diff_left_padded_rows']:.2e}, "
-              f"unpadded {agreement['max_abs_diff_unpadded_rows']:.2e}); rotary positions, so TRL's missing "
-              f"position ids do not change log-probs", flush=True)
+def alternated_round(args: argparse.Namespace, r: int, model_dir: str, data_dir: str, tmp: Path) -> dict[str, Any]:
+    """Round ``r``: ours then TRL (TRL first in odd rounds), each a run of warm-up and timed steps; their steps
+    per second (cycle and step clocks), the ratio, and the load average around the round."""
+    order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
+    rec: dict[str, Any] = {"order": order, "loadavg_1min_before": os.getloadavg()[0]}
+    for side in order:
+        with contextlib.redirect_stdout(sys.stderr):  # keep TRL's end-of-training print off the table
+            if side == "ours":
+                rec[side] = run_ours(args, model_dir, data_dir, str(tmp / "runs"), f"ours-{r}")
+            else:
+                rec[side] = run_trl(args, model_dir, data_dir, str(tmp / f"trl-{r}"))
+        rec[side]["steps_per_s"] = 1 / statistics.median(rec[side]["cycle_s"])
+        rec[side]["steps_per_s_step_clock"] = 1 / statistics.median(rec[side]["step_s"])
+        print(f"  repeat {r} {side:4s}: {rec[side]['steps_per_s']:.2f} steps/s "
+              f"(median cycle {statistics.median(rec[side]['cycle_s']) * 1e3:.0f} ms, "
+              f"step {statistics.median(rec[side]['step_s']) * 1e3:.0f} ms)", flush=True)
+    rec["loadavg_1min_after"] = os.getloadavg()[0]
+    rec["ratio"] = rec["ours"]["steps_per_s"] / rec["trl"]["steps_per_s"]
+    rec["ratio_step_clock"] = rec["ours"]["steps_per_s_step_clock"] / rec["trl"]["steps_per_s_step_clock"]
+    return rec
 
-        repeats = []
-        for r in range(args.repeats):
-            order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
-            rec: dict[str, Any] = {"order": order, "loadavg_1min_before": os.getloadavg()[0]}
-            for side in order:
-                with contextlib.redirect_stdout(sys.stderr):  # keep TRL's end-of-training print off the table
-                    if side == "ours":
-                        rec[side] = run_ours(args, model_dir, data_dir, str(tmp / "runs"), f"ours-{r}")
-                    else:
-                        rec[side] = run_trl(args, model_dir, data_dir, str(tmp / f"trl-{r}"))
-                rec[side]["steps_per_s"] = 1 / statistics.median(rec[side]["cycle_s"])
-                rec[side]["steps_per_s_step_clock"] = 1 / statistics.median(rec[side]["step_s"])
-                print(f"  repeat {r} {side:4s}: {rec[side]['steps_per_s']:.2f} steps/s "
-                      f"(median cycle {statistics.median(rec[side]['cycle_s']) * 1e3:.0f} ms, "
-                      f"step {statistics.median(rec[side]['step_s']) * 1e3:.0f} ms)", flush=True)
-            rec["loadavg_1min_after"] = os.getloadavg()[0]
-            rec["ratio"] = rec["ours"]["steps_per_s"] / rec["trl"]["steps_per_s"]
-            rec["ratio_step_clock"] = rec["ours"]["steps_per_s_step_clock"] / rec["trl"]["steps_per_s_step_clock"]
-            repeats.append(rec)
-        profile = profile_ours(args, model_dir, data_dir, str(tmp / "runs")) if args.profile else None
 
-    summary = {
+def summarise(repeats: list[dict[str, Any]], agreement: dict[str, Any]) -> dict[str, Any]:
+    """Median (and min, max) steps per second and ratio over the rounds, and the median split of each step."""
+    def median_of(side: str, key: str) -> float:
+        return statistics.median(v for r in repeats for v in r[side][key])
+
+    def split_of(side: str, parts: tuple[str, ...]) -> dict[str, float]:
+        return {k: statistics.median(v for r in repeats for v in r[side]["split_s"][k]) for k in parts}
+    return {
         "ours_steps_per_s": _stats([r["ours"]["steps_per_s"] for r in repeats]),
         "trl_steps_per_s": _stats([r["trl"]["steps_per_s"] for r in repeats]),
         "ratio_ours_over_trl": _stats([r["ratio"] for r in repeats]),
         "ratio_ours_over_trl_step_clock": _stats([r["ratio_step_clock"] for r in repeats]),
-        "ours_split_median_s": {k: statistics.median(v for r in repeats for v in r["ours"]["split_s"][k])
-                                for k in ("generate", "train", "other")},
-        "ours_step_median_s": statistics.median(v for r in repeats for v in r["ours"]["step_s"]),
-        "trl_split_median_s": {k: statistics.median(v for r in repeats for v in r["trl"]["split_s"][k])
-                               for k in ("generate", "score", "train")},
-        "trl_step_median_s": statistics.median(v for r in repeats for v in r["trl"]["step_s"]),
+        "ours_split_median_s": split_of("ours", ("generate", "train", "other")),
+        "ours_step_median_s": median_of("ours", "step_s"),
+        "trl_split_median_s": split_of("trl", ("generate", "score", "train")),
+        "trl_step_median_s": median_of("trl", "step_s"),
         "logprob_agreement": agreement,
         "loadavg_1min": _stats([r[k] for r in repeats for k in ("loadavg_1min_before", "loadavg_1min_after")]),
     }
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    settings.update({"beta": BETA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, "n_params": n_params,
-                     "ours": "advantage=grpo, policy_loss=reinforce, aggregation=token_mean, kl=k3 in loss, full",
-                     "trl": "loss_type=grpo, scale_rewards=group, num_iterations=1, steps_per_generation=1, "
-                            "ref = frozen copy, no vLLM, use_cpu",
-                     "trl_version": trl.__version__})
-    write_json(args.out, {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                                      "torch_threads": torch.get_num_threads(), "device": "cpu"},
-                          "environment": environment_info(packages=("torch", "transformers", "trl", "peft",
-                                                                    "accelerate", "datasets", "kl_lib")),
-                          "settings": settings, "summary": summary, "repeats": repeats, "profile_ours": profile})
 
-    s = summary
+
+def report(s: dict[str, Any], profile: dict[str, Any] | None) -> None:
+    """The table of steps per second and ratios, each side's step split, and the profile if one was taken."""
     print(f"\n{'':22s}{'median':>9s}{'min':>9s}{'max':>9s}")
     for label, key in (("ours steps/s", "ours_steps_per_s"), ("TRL steps/s", "trl_steps_per_s"),
                        ("ours/TRL", "ratio_ours_over_trl"), ("ours/TRL (step clock)", "ratio_ours_over_trl_step_clock")):
@@ -454,6 +428,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours under cProfile, {profile['steps']} steps, {profile['loop_s']:.2f} s in the step loop:")
         for k, v in profile["loop_fractions"].items():
             print(f"  {v:6.1%}  {k}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import trl
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        tmp = Path(tmp)
+        data_dir = str(tmp / "data")
+        TASKS[args.task].write_splits(data_dir, seed=0, sizes={"sft": 1})  # only rl_train is used (seed 0: the study's)
+        model_dir = args.model if args.model != "random" else str(save_untrained_model(
+            tmp / "model", seed=0, hidden_size=args.hidden_size, num_layers=args.num_layers))
+        n_params = sum(p.numel() for p in load_model(model_dir).parameters())
+
+        print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}; model {args.model} "
+              f"({n_params / 1e6:.2f} M params); {args.prompts} prompts × {args.group_size} samples × "
+              f"≤{args.max_new_tokens} tokens per step; {args.warmup} warm-up + {args.steps} timed steps; "
+              f"{args.repeats} repeats", flush=True)
+        agreement = logprob_agreement(args, model_dir, data_dir, str(tmp / "trl_check"))
+        print(f"log-prob agreement (ours token_logprobs vs TRL _get_per_token_logps_and_entropies, "
+              f"{agreement['tokens_compared']} tokens, {agreement['left_padded_rows']}/{agreement['rows']} rows "
+              f"left-padded): max |Δ| = {agreement['max_abs_diff']:.2e} "
+              f"(padded rows {agreement['max_abs_diff_left_padded_rows']:.2e}, "
+              f"unpadded {agreement['max_abs_diff_unpadded_rows']:.2e}); rotary positions, so TRL's missing "
+              f"position ids do not change log-probs", flush=True)
+        repeats = [alternated_round(args, r, model_dir, data_dir, tmp) for r in range(args.repeats)]
+        profile = profile_ours(args, model_dir, data_dir, str(tmp / "runs")) if args.profile else None
+
+    summary = summarise(repeats, agreement)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings.update({"beta": BETA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, "n_params": n_params,
+                     "ours": "advantage=grpo, policy_loss=reinforce, aggregation=token_mean, kl=k3 in loss, full",
+                     "trl": "loss_type=grpo, scale_rewards=group, num_iterations=1, steps_per_generation=1, "
+                            "ref = frozen copy, no vLLM, use_cpu",
+                     "trl_version": trl.__version__})
+    write_json(args.out, {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                                      "torch_threads": torch.get_num_threads(), "device": "cpu"},
+                          "environment": environment_info(packages=("torch", "transformers", "trl", "peft",
+                                                                    "accelerate", "datasets", "kl_lib")),
+                          "settings": settings, "summary": summary, "repeats": repeats, "profile_ours": profile})
+    report(summary, profile)
     print(f"wrote {args.out}")
     return 0
 

@@ -12,6 +12,7 @@ With LoRA our trainer's reference is the policy itself with its adapters disable
 transient activations of one no-grad forward. This measures it. Configurations, each in a fresh process:
 
     trainer_lora_ref   kl_lib.rl.train.train, LoRA, k3 in the loss (β = 0.04): reference = disabled adapters
+    trainer_lora_ref_recompute   the same with ``rollout_grad`` off: sample without a graph, recompute the forward
     loop_lora_ref      the trainer's step functions in a loop here (rollout, reference forward, LoRA update)
     loop_lora_noref    the same loop without any reference forward or KL term: LoRA without a reference
     trainer_full_ref   kl_lib.rl.train.train, full fine-tuning: reference = a frozen copy (for contrast)
@@ -26,7 +27,9 @@ trainer's own steps (``kl_lib.rl.train``: ``prepare``, ``rollout``, ``score``, `
 (``reference_logprobs``) and the KL term (``losses.kl_loss``); ``loop_lora_ref`` adds exactly those two back, so
 loop_lora_ref / loop_lora_noref isolates the reference's cost, and trainer_lora_ref / loop_lora_noref is the
 issue's comparison (it also charges the trainer's logging: full-vocabulary log-probs, entropy, KL metrics, and
-its default ``rollout_grad``, which trains on the sampling forward; the loop recomputes it).
+its default ``rollout_grad``, which trains on the sampling forward and so keeps the decode loop's graph until the
+backward; the loop recomputes the forward). trainer_lora_ref_recompute / loop_lora_noref is the same comparison
+with the trainer on the loop's recomputing path, which separates the logging from the kept graph.
 
 What is measured. CPU: the peak resident set size (``VmHWM`` of ``/proc/self/status``, the value
 ``getrusage(RUSAGE_SELF).ru_maxrss`` reports) over the training steps. The peak is reset
@@ -88,8 +91,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("trainer_lora_ref", "loop_lora_ref", "loop_lora_noref", "trainer_full_ref", "loop_full_ref",
-           "loop_full_noref")
+CONFIGS = ("trainer_lora_ref", "trainer_lora_ref_recompute", "loop_lora_ref", "loop_lora_noref", "trainer_full_ref",
+           "loop_full_ref", "loop_full_noref")
 VOCAB_CONFIGS = ("vocab_micro0", "vocab_microG")
 BETA = 0.04
 # glibc keeps freed blocks below its (dynamic) mmap threshold for reuse, so resident memory would reflect the
@@ -142,6 +145,38 @@ class Probe:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def written_out_steps(tr: Any, with_ref: bool) -> None:
+    """``tr.cfg.steps`` steps of the trainer ``tr`` (a prepared ``kl_lib.rl.train.Trainer``) written out: rollout,
+    score, policy forward, REINFORCE loss, and with ``with_ref`` the reference forward and k3 in the loss; none of
+    the trainer's logging statistics. Holds the trainer's lock, as ``train()`` does."""
+    import torch
+
+    import kl_lib.rl.train as rl_train
+    from kl_lib.rl import losses
+    from kl_lib.rl.rollout import sampled_logprobs
+
+    cfg = tr.cfg
+    with tr.lock:
+        for step in range(cfg.steps):
+            batch = rl_train.rollout(tr, step)
+            _, advantages = rl_train.score(tr, batch)
+            roll = batch.roll
+            rows = torch.arange(roll.response_ids.shape[0], device=roll.response_ids.device)
+            tr.optimizer.zero_grad(set_to_none=True)
+            if with_ref:  # first, as in the trainer: its activations are freed before the policy's graph is built
+                ref_logp, _ = rl_train.reference_logprobs(tr, roll, rows, cfg.group_size, full=False)
+            logp = sampled_logprobs(rl_train.forward_logits(tr, tr.policy, roll, rows, cfg.group_size),
+                                    roll.response_ids)
+            loss, _ = losses.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
+                                         cfg.aggregation)
+            if with_ref:
+                kl, _ = losses.kl_loss(cfg.kl, logp, ref_logp, roll.response_mask, behavior_logp=None,
+                                       logprobs=None, ref_logprobs=None, aggregation=cfg.aggregation)
+                loss = loss + kl
+            loss.backward()
+            rl_train.optimizer_step(tr, loss.detach(), step)
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import peft  # noqa: F401  (imported before the baseline so that it counts libraries, not the run)
     import torch
@@ -150,9 +185,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import kl_lib.rl.train as rl_train
     from kl_lib.config import KLConfig
     from kl_lib.lm.models import load_model
-    from kl_lib.rl import losses
     from kl_lib.rl.config import RLConfig
-    from kl_lib.rl.rollout import sampled_logprobs
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -165,7 +198,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                    prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                    advantage="grpo", aggregation="token_mean", kl=KLConfig("k3", "loss", beta=BETA),
                    finetune=finetune, checkpoint_every=10**9, device=device.type, dtype="float32",
-                   runs_dir=args.runs_dir, name=args.child)
+                   runs_dir=args.runs_dir, name=args.child, rollout_grad=not args.child.endswith("_recompute"))
 
     def models_built(tr: rl_train.Trainer) -> None:
         if not cuda and tr.cfg.finetune == "lora":
@@ -193,31 +226,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out["status"] = result.status
         out["peak_incl_save_mib"] = probe.peak_mib()
     else:
-        # ---- the trainer's own steps, with or without the reference forward and the KL term (and without its
-        # logging statistics); rollout_grad off: the update recomputes the policy's forward, as its written-out form
+        # the trainer's own steps, written out, with or without the reference (rollout_grad off: the update
+        # recomputes the policy's forward, as its written-out form)
         tr = rl_train.prepare(dataclasses.replace(cfg, rollout_grad=False))
         if not with_ref:
             tr.ref = None  # no frozen copy either (full fine-tuning)
         models_built(tr)
-        with tr.lock:  # released on exit, like train() does
-            t = time.perf_counter()
-            for step in range(cfg.steps):
-                batch = rl_train.rollout(tr, step)
-                _, advantages = rl_train.score(tr, batch)
-                roll, rows = batch.roll, torch.arange(batch.roll.response_ids.shape[0], device=device)
-                tr.optimizer.zero_grad(set_to_none=True)
-                if with_ref:
-                    ref_logp, _ = rl_train.reference_logprobs(tr, roll, rows, cfg.group_size, full=False)
-                logp = sampled_logprobs(rl_train.forward_logits(tr, tr.policy, roll, rows, cfg.group_size),
-                                        roll.response_ids)
-                loss, _ = losses.policy_loss("reinforce", logp, advantages, roll.response_mask, None, cfg.clip_eps,
-                                             cfg.aggregation)
-                if with_ref:
-                    kl, _ = losses.kl_loss(cfg.kl, logp, ref_logp, roll.response_mask, behavior_logp=None, logprobs=None,
-                                           ref_logprobs=None, aggregation=cfg.aggregation)
-                    loss = loss + kl
-                loss.backward()
-                rl_train.optimizer_step(tr, loss.detach(), step)
+        t = time.perf_counter()
+        written_out_steps(tr, with_ref)
         out["train_s"] = time.perf_counter() - t
         out["status"] = "done"
         out["peak_training_mib"] = probe.peak_mib()
@@ -383,7 +399,8 @@ def _run_child(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with their defaults resolved and unknown configurations refused before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", action="store_true",
                         help="measure the full-vocabulary cost, micro_batch_size 0 vs group_size (see above)")
@@ -412,41 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = 32 if args.vocab or args.child in VOCAB_CONFIGS else 6
-    if args.child:
-        print(json.dumps(child_vocab(args) if args.child in VOCAB_CONFIGS else child(args)))
-        return 0
     if args.out is None:
         args.out = "runs/benchmarks/memory_vocab.json" if args.vocab else "runs/benchmarks/memory.json"
-    if args.vocab:
-        unknown = set(args.configs.split(",") if args.configs else []) - set(VOCAB_CONFIGS)
-        if unknown:
-            parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(VOCAB_CONFIGS)}")
-        return main_vocab(args)
+    known = VOCAB_CONFIGS if args.vocab else CONFIGS
+    unknown = set(args.configs.split(",") if args.configs else []) - set(known)
+    if unknown and not args.child:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(known)}")
+    return args
 
-    configs = args.configs.split(",") if args.configs else list(CONFIGS)
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
-    import torch
 
-    from kl_lib.files import environment_info, write_json
-    from kl_lib.lm.models import save_untrained_model
-    from kl_lib.tasks.arithmetic import write_splits
-
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
-        tmp = Path(tmp)
-        write_splits(tmp / "data", seed=0, sizes={"sft": 1})  # only rl_train is used
-        save_untrained_model(tmp / "model", seed=0, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                             intermediate_size=args.intermediate_size, num_heads=8)
-        for r in range(args.repeats):
-            for name in configs if r % 2 == 0 else configs[::-1]:
-                runs[name].append(_run_child(name, args, tmp))
-                m = runs[name][-1]
-                print(f"  repeat {r} {name:17s} training peak {m['peak_training_mib']:7.1f} MiB "
-                      f"(baseline {m['baseline_mib']:6.1f}, after set-up {m['after_setup_mib']:6.1f}, "
-                      f"incl. loading and saving {m['peak_process_mib']:7.1f}; {m['train_s']:.1f} s)", flush=True)
-
+def summarise_configs(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Median peaks of each configuration over its repeats, and the ratios of training peaks the README reports
+    (those whose two configurations both ran)."""
     def med(name: str, key: str) -> float:
         return statistics.median(m[key] for m in runs[name])
 
@@ -454,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "peak_process_mib", "peak_incl_save_mib")}
                | {"peak_training_spread_mib": [min(m["peak_training_mib"] for m in runs[name]),
                                                max(m["peak_training_mib"] for m in runs[name])]}
-               for name in configs}
+               for name in runs}
 
     def ratio(a: str, b: str) -> dict[str, Any] | None:
         if a not in runs or b not in runs:
@@ -469,19 +463,45 @@ def main(argv: list[str] | None = None) -> int:
 
     comparisons = {
         "trainer_lora_ref / loop_lora_noref (issue: <= 1.05)": ratio("trainer_lora_ref", "loop_lora_noref"),
+        "trainer_lora_ref_recompute / loop_lora_noref": ratio("trainer_lora_ref_recompute", "loop_lora_noref"),
         "loop_lora_ref / loop_lora_noref (the reference alone)": ratio("loop_lora_ref", "loop_lora_noref"),
         "trainer_full_ref / loop_full_noref": ratio("trainer_full_ref", "loop_full_noref"),
         "loop_full_ref / loop_full_noref (a frozen copy)": ratio("loop_full_ref", "loop_full_noref"),
         "trainer_full_ref / trainer_lora_ref": ratio("trainer_full_ref", "trainer_lora_ref"),
     }
-    comparisons = {k: v for k, v in comparisons.items() if v is not None}
+    return summary, {k: v for k, v in comparisons.items() if v is not None}
+
+
+def main_configs(args: argparse.Namespace) -> int:
+    import torch
+
+    from kl_lib.files import environment_info, write_json
+    from kl_lib.lm.models import save_untrained_model
+    from kl_lib.tasks.arithmetic import write_splits
+
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        tmp = Path(tmp)
+        write_splits(tmp / "data", seed=0, sizes={"sft": 1})  # only rl_train is used
+        save_untrained_model(tmp / "model", seed=0, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                             intermediate_size=args.intermediate_size, num_heads=8)
+        for r in range(args.repeats):
+            for name in configs if r % 2 == 0 else configs[::-1]:
+                runs[name].append(_run_child(name, args, tmp))
+                m = runs[name][-1]
+                print(f"  repeat {r} {name:26s} training peak {m['peak_training_mib']:7.1f} MiB "
+                      f"(baseline {m['baseline_mib']:6.1f}, after set-up {m['after_setup_mib']:6.1f}, "
+                      f"incl. loading and saving {m['peak_process_mib']:7.1f}; {m['train_s']:.1f} s)", flush=True)
+
+    summary, comparisons = summarise_configs(runs)
     params = next(iter(runs.values()))[0]["params"]
     weights_mib = params * 4 / 2**20
     print(f"\nmodel {params / 1e6:.1f} M parameters = {weights_mib:.1f} MiB in fp32; median peaks over the training "
           f"steps ({args.repeats} repeats):")
     for name in configs:
         s = summary[name]
-        print(f"  {name:17s} {s['peak_training_mib']:7.1f} MiB (spread {s['peak_training_spread_mib'][0]:.1f}-"
+        print(f"  {name:26s} {s['peak_training_mib']:7.1f} MiB (spread {s['peak_training_spread_mib'][0]:.1f}-"
               f"{s['peak_training_spread_mib'][1]:.1f}), {s['peak_training_mib'] - s['baseline_mib']:6.1f} above "
               f"the {s['baseline_mib']:.1f} MiB baseline")
     for label, c in comparisons.items():
@@ -502,6 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:  # internal: one configuration, its measurements printed as JSON
+        print(json.dumps(child_vocab(args) if args.child in VOCAB_CONFIGS else child(args)))
+        return 0
+    return main_vocab(args) if args.vocab else main_configs(args)
 
 
 if __name__ == "__main__":

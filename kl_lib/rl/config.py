@@ -116,7 +116,8 @@ class RLConfig:
     rollout_grad: bool = True
     """On-policy REINFORCE with the whole batch in one pass (no ``async_lag``, PPO, micro-batches, gradient
     checkpointing, vLLM or rollout shards): sample with the autograd graph kept and train on the sampling
-    forward itself instead of recomputing it (same gradient, a third less model compute). False: always
+    forward itself instead of recomputing it (same gradient, a third less model compute; the decode graph is kept
+    until the backward, about 11% more peak memory in ``benchmarks/bench_memory.py``'s LoRA run). False: always
     ``generate`` then recompute. Only for ``max_new_tokens`` ≤ ``kl_lib.rl.train.SHORT_ANSWER_TOKENS`` (16):
     longer budgets always sample without a graph, dropping finished rows, and recompute without most of the
     padding (``long_answers``): the same numbers up to rounding, about 2× TRL's speed at 48 tokens."""

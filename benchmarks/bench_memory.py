@@ -315,7 +315,7 @@ def main_vocab(args: argparse.Namespace) -> int:
     from kl_lib.files import environment_info, write_json
     from kl_lib.tasks.arithmetic import write_splits
 
-    configs = args.configs.split(",") if args.configs else list(VOCAB_CONFIGS)
+    configs = args.configs
     prompts = [int(x) for x in args.batch_prompts.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory(prefix="bench_memory_vocab_") as tmp:
@@ -432,8 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is None:
         args.out = "runs/benchmarks/memory_vocab.json" if args.vocab else "runs/benchmarks/memory.json"
     known = VOCAB_CONFIGS if args.vocab else CONFIGS
-    unknown = set(args.configs.split(",") if args.configs else []) - set(known)
-    if unknown and not args.child:
+    args.configs = args.configs.split(",") if args.configs else list(known)
+    unknown = set(args.configs) - set(known)
+    if unknown:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(known)}")
     return args
 
@@ -479,7 +480,7 @@ def main_configs(args: argparse.Namespace) -> int:
     from kl_lib.lm.models import save_untrained_model
     from kl_lib.tasks.arithmetic import write_splits
 
-    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    configs = args.configs
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         tmp = Path(tmp)

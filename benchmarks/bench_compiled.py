@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     decode = measure_decode(lean, state, lambda step: lean_rollout(lean, step, ids, mask, max_new_tokens=max_new,
                                                                    eos=eos), up_to_eos(roll.response_ids, eos), eos)
     batch = training_batch(ids, mask, roll)
-    training = measure_training(LeanLlama(model), *batch)
+    training = measure_training(lean, *batch)  # the decode measurements are done: its weights may now need gradients
 
     d = Dims.of(model.config)
     clock = KernelClock(d)
